@@ -1,0 +1,1 @@
+"""Ray adapters: the Train driver inside a Tune trainable, evaluation tasks, storage."""

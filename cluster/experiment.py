@@ -1,0 +1,150 @@
+"""Run a whole experiment: search + train with Tune/Train, evaluate on test, summarise.
+
+The launch script validates everything first (without importing Ray) and hands
+an :class:`ExperimentPlan` here.  An experiment that already has Tune state
+under its name is resumed: unfinished and errored trials continue from their
+checkpoints, and only missing evaluation shards are computed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional
+
+import pyarrow.compute as pc
+
+from cluster.manifest import write_manifest
+from cluster.storage import Storage
+from robust.results.schema import read_kind
+
+DRIVER_RESOURCE = "trial_driver"
+
+
+@dataclass
+class ExperimentPlan:
+    """Everything resolved: what ``launch/tune.py`` will run."""
+
+    name: str
+    defense: str
+    preset: str
+    base_spec: Dict[str, Any]          # TrialSpec dict without the searched values and seed
+    search: Dict[str, Any]             # defense_config key -> list of choices (fixed value: 1 item)
+    samples: int
+    seeds: int
+    workers: int
+    storage: str
+    endpoint: Optional[str] = None
+    address: Optional[str] = None
+    max_failures: int = 2
+    eval_shard_size: int = 128
+    eval_batch_size: int = 256
+    metric: str = "val_pgd_acc"
+    mode: str = "max"
+    command: str = ""
+
+
+@dataclass
+class Resources:
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    concurrency: int
+
+
+def plan_resources(cluster: Dict[str, float], workers: int) -> Resources:
+    """Per-worker resources and trial concurrency derived from the cluster's CPUs and GPUs."""
+    cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
+    if gpus >= 1:
+        cpus_per_worker = max(1.0, min(4.0, math.floor(cpus / gpus)))
+        concurrency = max(1, int(gpus // workers))
+        return Resources(workers, cpus_per_worker, 1.0, concurrency)
+    workers = max(1, min(workers, int(cpus)))
+    return Resources(workers, 1.0, 0.0, max(1, int(cpus // workers)))
+
+
+def _param_space(plan: ExperimentPlan):
+    from ray import tune
+
+    space = {k: (tune.choice(v) if len(v) > 1 else v[0]) for k, v in plan.search.items()}
+    return {"seed": tune.grid_search(list(range(plan.seeds))), "defense_config": space}
+
+
+def _init_ray(plan: ExperimentPlan) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if plan.address:
+        ray.init(address=plan.address)
+    else:
+        # A private local instance: never joins a stale cluster.  Trial drivers
+        # take the custom resource, so they never compete with workers for CPUs.
+        ray.init(address="local", resources={DRIVER_RESOURCE: 1000}, include_dashboard=False,
+                 log_to_driver=True)
+
+
+def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources) -> None:
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from cluster.trial import run_trial
+
+    run = {"storage": plan.storage, "endpoint": plan.endpoint, "root": root,
+           "train_storage_path": f"{root}/tune/train", "workers": res.workers,
+           "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
+           "max_failures": plan.max_failures}
+    driver = {DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0.01}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=plan.base_spec, run=run), driver)
+    fs = None if storage.is_local else storage.filesystem
+    tune_path = f"{root}/tune"
+    if tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(plan),
+            tune_config=tune.TuneConfig(
+                num_samples=plan.samples, max_concurrent_trials=res.concurrency,
+                # The same drawn configuration for every seed of the grid.
+                search_alg=BasicVariantGenerator(constant_grid_search=True, random_state=0)),
+            run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=plan.max_failures)),
+        )
+    tuner.fit()
+
+
+def completed_trials(storage: Storage, root: str) -> List[Dict[str, Any]]:
+    trials = read_kind(storage.filesystem, root, "trials")
+    if trials.num_rows == 0:
+        return []
+    return trials.filter(pc.equal(trials["status"], "completed")).to_pylist()
+
+
+def run_experiment(plan: ExperimentPlan) -> str:
+    """Search, train, evaluate and summarise; returns the experiment root (display form)."""
+    import ray
+
+    from cluster.evaluation import plan_jobs, run_jobs
+    from robust.spec import TrialSpec, load_splits
+
+    storage = Storage(plan.storage, plan.endpoint)
+    root = storage.experiment(plan.name)
+    storage.filesystem.create_dir(root, recursive=True)
+    write_manifest(storage, root, asdict(plan))
+    _init_ray(plan)
+    res = plan_resources(ray.cluster_resources(), plan.workers)
+    print(f"experiment {storage.display(root)}: {plan.samples} configuration(s) x {plan.seeds} seed(s), "
+          f"{res.workers} worker(s) per trial, {res.concurrency} trial(s) at a time", flush=True)
+    run_search(plan, storage, root, res)
+
+    trials = completed_trials(storage, root)
+    test_size = len(load_splits(TrialSpec.from_dict({**plan.base_spec, "seed": 0})).test)
+    jobs = plan_jobs(trials, storage, root, test_size, plan.eval_shard_size)
+    cpus = 1.0 if res.gpus_per_worker == 0 else res.cpus_per_worker
+    run_jobs(jobs, storage, root, num_cpus=cpus, num_gpus=min(res.gpus_per_worker, 1.0),
+             batch_size=plan.eval_batch_size)
+    return storage.display(root)

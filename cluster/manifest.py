@@ -1,0 +1,67 @@
+"""The experiment manifest: resolved plan, code version and package versions."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib import metadata
+from typing import Any, Dict
+
+import pyarrow.fs as pafs
+
+from cluster.storage import Storage
+from robust.results.schema import SCHEMA_VERSION
+
+PACKAGES = ("torch", "torchvision", "ray", "pyarrow", "numpy", "scikit-learn", "boto3")
+
+
+def code_version() -> str:
+    """The git commit of this checkout (with '+dirty' when modified), else the package version."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        try:
+            return metadata.version("robust-runner")
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+
+def package_versions() -> Dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def write_manifest(storage: Storage, root: str, plan: Dict[str, Any]) -> None:
+    """Write ``<root>/manifest.json``; on a resumed run the first manifest is kept and
+    the new run is appended to its ``runs`` list."""
+    fs = storage.filesystem
+    path = f"{root}/manifest.json"
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code_version": code_version(),
+           "packages": package_versions(), "command": plan.get("command", "")}
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            manifest = json.loads(f.read().decode())
+        manifest.setdefault("runs", []).append(run)
+    else:
+        manifest = {"schema_version": SCHEMA_VERSION, "plan": plan, "runs": [run]}
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if storage.is_local:
+        tmp = f"{root}/.manifest.json.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)

@@ -1,0 +1,53 @@
+"""Rows of our own results that the Ray adapters write: trial rows and epoch rows.
+
+Pure pyarrow on top of :mod:`robust.results.schema`; no Ray import, so the
+launch scripts and tests can use it too.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from typing import Any, Dict, List, Optional
+
+import pyarrow as pa
+import torch
+
+from cluster.storage import Storage
+from robust.results.schema import TRIAL_SCHEMA, file_metadata, train_path, trial_path, write_table
+from robust.spec import TrialSpec
+
+
+def write_trial_row(storage: Storage, root: str, trial: str, spec: TrialSpec, status: str, *,
+                    reason: str = "", node: str = "", history: Optional[List[Dict[str, Any]]] = None,
+                    checkpoint: str = "") -> None:
+    last = history[-1] if history else {}
+    row = {
+        "trial": trial, "config_id": spec.config_id(), "seed": spec.seed, "defense": spec.defense,
+        "status": status, "reason": reason, "node": node, "config": json.dumps(spec.to_dict()),
+        "epochs_done": int(last.get("epoch", 0)),
+        "val_acc": float(last.get("val_acc", math.nan)),
+        "val_pgd_acc": float(last.get("val_pgd_acc", math.nan)),
+        "checkpoint": checkpoint, "updated": time.time(),
+    }
+    table = pa.Table.from_pylist([row], schema=TRIAL_SCHEMA)
+    write_table(storage.filesystem, trial_path(root, trial), table, file_metadata(spec.to_dict()))
+
+
+def write_epoch_rows(storage: Storage, root: str, trial: str, spec: TrialSpec,
+                     history: List[Dict[str, Any]]) -> None:
+    """The whole per-epoch history so far (rewritten each epoch; one deterministic file)."""
+    rows = [{**h, "config_id": spec.config_id(), "seed": spec.seed} for h in history]
+    table = pa.Table.from_pylist(rows)
+    write_table(storage.filesystem, train_path(root, spec.defense, trial), table,
+                file_metadata(spec.to_dict()))
+
+
+STATE_FILE = "state.pt"
+
+
+def load_state(storage: Storage, checkpoint_dir: str) -> Dict[str, Any]:
+    """The TrainState dict saved in a checkpoint directory of ``storage``."""
+    with storage.filesystem.open_input_file(f"{checkpoint_dir}/{STATE_FILE}") as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Search, train and evaluate a defense on a local Ray instance or a Ray cluster.
+
+    python launch/tune.py --defense constant                 # embedded `smoke` preset, minutes on a CPU
+    python launch/tune.py --defense constant --preset paper  # the paper's CIFAR-10 setup, for a cluster
+
+Everything is validated before Ray is imported or anything is written; bad
+input gets one line naming the problem and the valid choices, and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import shlex
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+
+class UsageError(ValueError):
+    """Bad input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tune.py", description="Search, train and evaluate a randomized defense.")
+    p.add_argument("--defense", required=True, help="defense to train (e.g. constant, standard, pgd-at)")
+    p.add_argument("--preset", default="smoke", help="smoke (default, embedded digits) or paper")
+    p.add_argument("--dataset", help="override the preset's dataset")
+    p.add_argument("--model", help="override the preset's model")
+    p.add_argument("--samples", type=int, help="configurations Tune draws from the search space")
+    p.add_argument("--seeds", type=int, help="run every configuration with seeds 0..S-1")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--workers", type=int, help="Ray Train workers per trial (DDP)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a defense setting (removed from the search), e.g. --set copies=10")
+    p.add_argument("--storage", default="./results", help="results directory or s3://bucket/prefix")
+    p.add_argument("--endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--name", help="experiment name (default: <defense>-<preset>-<time>); an existing "
+                   "experiment of that name is resumed")
+    p.add_argument("--address", help="Ray cluster address (e.g. auto); default: a private local instance")
+    p.add_argument("--max-test-examples", type=int, help="evaluate at most this many test examples")
+    p.add_argument("--data-dir", help="where datasets are downloaded (default $ROBUST_DATA_DIR)")
+    return p
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word, e.g. distribution=gaussian
+
+
+def parse_settings(items: List[str]) -> Dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _positive(name: str, value: Optional[int]) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{name} must be >= 1, got {value}")
+
+
+def resolve(args: argparse.Namespace) -> Dict[str, Any]:
+    """Validate every argument and resolve the experiment; raises UsageError. Imports no Ray."""
+    from cluster.storage import check_local_creatable
+    from robust.data import dataset_eps, dataset_names
+    from robust.defenses import create_defense, defense_names
+    from robust.models import check_model_name
+    from robust.presets import get_preset
+    from robust.registry import UnknownNameError
+    from robust.train.config import TrainConfig
+
+    try:
+        if args.defense not in defense_names():
+            raise UnknownNameError(f"unknown defense {args.defense!r}; valid choices: "
+                                   f"{', '.join(defense_names())}")
+        preset = get_preset(args.defense, args.preset)
+        dataset = args.dataset or preset.dataset
+        if dataset not in dataset_names():
+            raise UnknownNameError(f"unknown dataset {dataset!r}; valid choices: {', '.join(dataset_names())}")
+        model = args.model or preset.model
+        check_model_name(model)
+        for flag in ("samples", "seeds", "epochs", "workers", "max_test_examples"):
+            _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+        train = dict(preset.train)
+        if args.epochs is not None:
+            train["epochs"] = args.epochs
+        TrainConfig(**train)
+        fixed = {**preset.defense_config, **parse_settings(args.set)}
+        try:
+            create_defense(args.defense, eps_data=dataset_eps(dataset), **fixed)
+        except TypeError as err:  # an unknown setting name
+            raise UsageError(f"invalid --set for defense {args.defense!r}: {err}") from None
+        name = args.name or f"{args.defense}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise UsageError(f"experiment name {name!r} may use only letters, digits, '.', '_' and '-'")
+        if not args.storage.startswith("s3://"):
+            check_local_creatable(args.storage)
+        elif not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?", args.storage):
+            raise UsageError(f"invalid S3 storage {args.storage!r}; expected s3://bucket/prefix")
+    except (UnknownNameError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    dataset_config = dict(preset.dataset_config)
+    if args.data_dir:
+        dataset_config["data_dir"] = args.data_dir
+    scoped_samples = args.samples
+    return {
+        "preset": preset, "dataset": dataset, "model": model, "train": train, "fixed": fixed,
+        "name": name, "dataset_config": dataset_config, "eps_data": dataset_eps(dataset),
+        "samples": scoped_samples,
+    }
+
+
+def build_plan(args: argparse.Namespace, r: Dict[str, Any]):
+    """The ExperimentPlan (imports the Ray-side modules: only after validation)."""
+    from cluster.experiment import ExperimentPlan
+    from tuning import search_module
+
+    preset = r["preset"]
+    module = search_module(args.defense)
+    # The smoke preset searches the documented smoke subset; `paper` runs the
+    # paper's configuration unless --samples asks for a search of the full space.
+    if preset.search == "smoke":
+        space = module.smoke_space(r["eps_data"])
+    elif args.samples:
+        space = module.space(r["eps_data"])
+    else:
+        space = {}
+    space = {k: v for k, v in space.items() if k not in r["fixed"]}
+    samples = args.samples or (preset.samples if space else 1)
+    base = {
+        "defense": args.defense, "dataset": r["dataset"], "model": r["model"], "seed": 0,
+        "defense_config": r["fixed"], "dataset_config": r["dataset_config"],
+        "model_config": dict(preset.model_config) if not args.model else {},
+        "train": r["train"], "attacks": list(preset.attacks),
+        "max_test_examples": args.max_test_examples or preset.max_test_examples,
+    }
+    return ExperimentPlan(
+        name=r["name"], defense=args.defense, preset=args.preset, base_spec=base, search=space,
+        samples=samples, seeds=args.seeds or preset.seeds, workers=args.workers or preset.workers_per_trial,
+        storage=args.storage, endpoint=args.endpoint, address=args.address,
+        metric=module.METRIC, mode=module.MODE, command=shlex.join(["launch/tune.py"] + sys.argv[1:]),
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        resolved = resolve(args)
+    except UsageError as err:
+        parser.error(str(err))
+    plan = build_plan(args, resolved)
+
+    from cluster.experiment import run_experiment
+
+    root = run_experiment(plan)
+    import summarize
+
+    print(f"\nresults: {root}\n")
+    return summarize.main([root] + (["--endpoint", plan.endpoint] if plan.endpoint else []))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure-PyTorch core: data, models, defenses, attacks, training, results. Imports no Ray."""

@@ -1,0 +1,83 @@
+"""The defense interface that the single training loop consults.
+
+The loop never asks which defense it runs.  It asks the defense to
+  * ``prepare_model``: wrap or convert the model (noise modules, stochastic weights);
+  * ``train_dataset``: transform the training split (constant perturbations);
+  * ``loss``: supply the training loss of a batch (plain, adversarial, stability...);
+  * ``param_groups``: split the parameters into groups with their own optimiser
+    settings, updated in the listed order (alternating updates);
+  * ``on_epoch_start`` / ``on_epoch_end``: react at epoch boundaries (schedules).
+Every hook has the behaviour of plain training by default.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from robust.data.base import ImageSplit
+
+
+class BatchLoss(NamedTuple):
+    """The loss to back-propagate and the logits on which training accuracy is counted."""
+
+    loss: Tensor
+    logits: Tensor
+
+
+@dataclass
+class TrainStep:
+    """What the loop hands to ``Defense.loss`` for one batch.
+
+    ``model`` is the model that takes the gradient step (possibly wrapped in
+    DistributedDataParallel); ``module`` is the same network unwrapped, which
+    attacks must use so that their extra backward passes do not trigger DDP's
+    gradient all-reduce.  ``generator`` seeds any noise the loss draws.
+    """
+
+    model: nn.Module
+    module: nn.Module
+    x: Tensor
+    y: Tensor
+    index: Tensor
+    epoch: int
+    generator: torch.Generator
+
+
+class Defense:
+    """Plain training; subclasses override only the hooks their paper changes."""
+
+    name = "defense"
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def describe(self) -> Dict[str, Any]:
+        """The resolved configuration, for manifests and result metadata."""
+        return {"defense": self.name, **asdict(self.config)}
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def train_dataset(self, split: ImageSplit, seed: int) -> Dataset:
+        return split
+
+    def loss(self, step: TrainStep) -> BatchLoss:
+        logits = step.model(step.x)
+        return BatchLoss(F.cross_entropy(logits, step.y), logits)
+
+    def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
+        """Optimizer parameter groups; the default is one group of all parameters."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def on_epoch_start(self, epoch: int, dataset: Dataset) -> None:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+
+    def on_epoch_end(self, epoch: int, metrics: Dict[str, float]) -> Optional[Dict[str, float]]:
+        """Return extra metrics to log for this epoch (e.g. learned noise scales)."""
+        return None
