@@ -7,11 +7,11 @@ checkpoints, and only missing evaluation shards are computed.
 """
 from __future__ import annotations
 
-import json
+import itertools
 import math
-import os
+import random
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow.compute as pc
 
@@ -30,14 +30,14 @@ class ExperimentPlan:
     defense: str
     preset: str
     base_spec: Dict[str, Any]          # TrialSpec dict without the searched values and seed
-    search: Dict[str, Any]             # defense_config key -> list of choices (fixed value: 1 item)
+    search: Dict[str, Any]             # defense_config key -> Ray Tune domain or fixed value
     samples: int
     seeds: int
     workers: int
     storage: str
     endpoint: Optional[str] = None
     address: Optional[str] = None
-    max_failures: int = 2
+    max_failures: int = 1
     eval_shard_size: int = 128
     eval_batch_size: int = 256
     metric: str = "val_pgd_acc"
@@ -64,11 +64,35 @@ def plan_resources(cluster: Dict[str, float], workers: int) -> Resources:
     return Resources(workers, 1.0, 0.0, max(1, int(cpus // workers)))
 
 
-def _param_space(plan: ExperimentPlan):
+def draw_configurations(space: Dict[str, Any], samples: int, seed: int = 0) -> Optional[List[Dict[str, Any]]]:
+    """``samples`` distinct configurations of a finite (all-categorical) space, drawn
+    without replacement with a fixed seed; None when an axis is continuous.
+
+    Tune's random sampling draws with replacement, which on a small discrete
+    space repeats configurations and would count one seed twice in mean +- std.
+    """
+    axes = []
+    for key, domain in sorted(space.items()):
+        if hasattr(domain, "categories"):
+            axes.append([(key, v) for v in domain.categories])
+        elif hasattr(domain, "sample"):
+            return None
+        else:
+            axes.append([(key, domain)])
+    grid = [dict(combo) for combo in itertools.product(*axes)]
+    random.Random(seed).shuffle(grid)
+    return grid[:samples]
+
+
+def _param_space(plan: ExperimentPlan) -> Tuple[Dict[str, Any], int]:
+    """Tune's param space and num_samples: seeds are always a grid axis."""
     from ray import tune
 
-    space = {k: (tune.choice(v) if len(v) > 1 else v[0]) for k, v in plan.search.items()}
-    return {"seed": tune.grid_search(list(range(plan.seeds))), "defense_config": space}
+    seeds = tune.grid_search(list(range(plan.seeds)))
+    configs = draw_configurations(plan.search, plan.samples)
+    if configs is not None:
+        return {"seed": seeds, "defense_config": tune.grid_search(configs)}, 1
+    return {"seed": seeds, "defense_config": dict(plan.search)}, plan.samples
 
 
 def _init_ray(plan: ExperimentPlan) -> None:
@@ -100,17 +124,21 @@ def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=plan.base_spec, run=run), driver)
     fs = None if storage.is_local else storage.filesystem
     tune_path = f"{root}/tune"
+    param_space, num_samples = _param_space(plan)
     if tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=_param_space(plan),
+            param_space=param_space,
             tune_config=tune.TuneConfig(
-                num_samples=plan.samples, max_concurrent_trials=res.concurrency,
-                # The same drawn configuration for every seed of the grid.
-                search_alg=BasicVariantGenerator(constant_grid_search=True, random_state=0)),
+                num_samples=num_samples,
+                # The same drawn configuration for every seed of the grid; the
+                # concurrency limit lives on the generator (Tune ignores
+                # max_concurrent_trials when a generator is passed).
+                search_alg=BasicVariantGenerator(constant_grid_search=True, random_state=0,
+                                                 max_concurrent=res.concurrency)),
             run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=plan.max_failures)),
         )
@@ -137,7 +165,12 @@ def run_experiment(plan: ExperimentPlan) -> str:
     write_manifest(storage, root, asdict(plan))
     _init_ray(plan)
     res = plan_resources(ray.cluster_resources(), plan.workers)
-    print(f"experiment {storage.display(root)}: {plan.samples} configuration(s) x {plan.seeds} seed(s), "
+    configs = draw_configurations(plan.search, plan.samples)
+    n_configs = len(configs) if configs is not None else plan.samples
+    if configs is not None and n_configs < plan.samples:
+        print(f"note: the search space has only {n_configs} distinct configuration(s); "
+              f"running each once per seed instead of {plan.samples} draws", flush=True)
+    print(f"experiment {storage.display(root)}: {n_configs} configuration(s) x {plan.seeds} seed(s), "
           f"{res.workers} worker(s) per trial, {res.concurrency} trial(s) at a time", flush=True)
     run_search(plan, storage, root, res)
 

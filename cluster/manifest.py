@@ -43,6 +43,16 @@ def package_versions() -> Dict[str, str]:
     return out
 
 
+def describe_domain(value: Any) -> Any:
+    """JSON form of a Ray Tune search domain (choice or range); plain values pass through."""
+    if hasattr(value, "categories"):
+        return {"choice": list(value.categories)}
+    if hasattr(value, "lower") and hasattr(value, "upper"):
+        sampler = type(getattr(value, "sampler", None)).__name__
+        return {"range": [value.lower, value.upper], "sampler": sampler}
+    return str(value)
+
+
 def write_manifest(storage: Storage, root: str, plan: Dict[str, Any]) -> None:
     """Write ``<root>/manifest.json``; on a resumed run the first manifest is kept and
     the new run is appended to its ``runs`` list."""
@@ -56,7 +66,7 @@ def write_manifest(storage: Storage, root: str, plan: Dict[str, Any]) -> None:
         manifest.setdefault("runs", []).append(run)
     else:
         manifest = {"schema_version": SCHEMA_VERSION, "plan": plan, "runs": [run]}
-    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    data = json.dumps(manifest, indent=2, sort_keys=True, default=describe_domain).encode()
     if storage.is_local:
         tmp = f"{root}/.manifest.json.tmp"
         with fs.open_output_stream(tmp) as f:

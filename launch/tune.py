@@ -138,6 +138,7 @@ def build_plan(args: argparse.Namespace, r: Dict[str, Any]):
     else:
         space = {}
     space = {k: v for k, v in space.items() if k not in r["fixed"]}
+    check_space(args.defense, r["eps_data"], r["fixed"], space)
     samples = args.samples or (preset.samples if space else 1)
     base = {
         "defense": args.defense, "dataset": r["dataset"], "model": r["model"], "seed": 0,
@@ -154,6 +155,19 @@ def build_plan(args: argparse.Namespace, r: Dict[str, Any]):
     )
 
 
+def check_space(defense: str, eps_data: float, fixed: Dict[str, Any], space: Dict[str, Any]) -> None:
+    """Build the defense with every value of every categorical axis, so that a bad
+    search space fails here, before Ray starts, and not once per trial."""
+    from robust.defenses import create_defense
+
+    for key, domain in space.items():
+        for value in getattr(domain, "categories", [domain]):
+            try:
+                create_defense(defense, eps_data=eps_data, **{**fixed, key: value})
+            except (TypeError, ValueError) as err:
+                raise UsageError(f"search space of {defense!r}: {key}={value!r} is invalid: {err}") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -161,7 +175,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         resolved = resolve(args)
     except UsageError as err:
         parser.error(str(err))
-    plan = build_plan(args, resolved)
+    try:
+        plan = build_plan(args, resolved)
+    except UsageError as err:
+        parser.error(str(err))
 
     from cluster.experiment import run_experiment
 
