@@ -46,6 +46,17 @@ class TrainState:
     history: List[Dict[str, Any]] = field(default_factory=list)
 
 
+def cpu_copy(obj: Any) -> Any:
+    """A snapshot with every tensor cloned to CPU (state dicts hold live references)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
 def _world() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -195,7 +206,8 @@ def fit(model: nn.Module, defense: Defense, splits: DatasetSplits, cfg: TrainCon
             raise NonFiniteLoss(f"training loss became non-finite at epoch {epoch}")
         if on_epoch_end is not None:
             def state_fn(epoch: int = epoch) -> Dict[str, Any]:
-                return TrainState(epoch, module.state_dict(), optimizer.state_dict(),
-                                  scheduler.state_dict(), list(history)).__dict__
+                return vars(TrainState(epoch, cpu_copy(module.state_dict()),
+                                       cpu_copy(optimizer.state_dict()),
+                                       cpu_copy(scheduler.state_dict()), cpu_copy(history)))
             on_epoch_end(dict(metrics), state_fn)
     return module, history
