@@ -18,6 +18,7 @@ import torch
 
 from cluster.records import load_state
 from cluster.storage import Storage
+from robust.device import prepare_module
 from robust.evaluate import CLEAN, AttackSpec, evaluate_shard, shard_positions
 from robust.results.schema import ATTACK_SCHEMA, attack_path, file_metadata, write_table
 from robust.spec import TrialSpec, build_model, build_defense, load_splits
@@ -44,7 +45,7 @@ def evaluate_job(job: ShardJob, storage: Storage, root: str, batch_size: int) ->
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     module = build_defense(spec, splits).prepare_model(build_model(spec, splits))
     module.load_state_dict(load_state(storage, job.checkpoint)["model"])
-    module.to(device)
+    module = prepare_module(module, device)
     columns = evaluate_shard(module, splits.test, range(job.start, job.stop),
                              [AttackSpec.parse(a) for a in spec.attacks], splits.eps, device,
                              seed=spec.seed, shard=job.shard, batch_size=batch_size)
