@@ -57,6 +57,7 @@ def plan_resources(cluster: Dict[str, float], workers: int) -> Resources:
     """Per-worker resources and trial concurrency derived from the cluster's CPUs and GPUs."""
     cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
     if gpus >= 1:
+        workers = max(1, min(workers, int(gpus)))
         cpus_per_worker = max(1.0, min(4.0, math.floor(cpus / gpus)))
         concurrency = max(1, int(gpus // workers))
         return Resources(workers, cpus_per_worker, 1.0, concurrency)
