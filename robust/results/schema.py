@@ -1,0 +1,114 @@
+"""The results layout and its atomic Parquet writer.
+
+One experiment is one folder (or object-store prefix)::
+
+    <root>/manifest.json
+    <root>/data/trials/part-<trial>.parquet                       one row per trial
+    <root>/data/train/defense=<d>/trial=<t>/part-0.parquet        one row per epoch
+    <root>/data/attack/defense=<d>/trial=<t>/attack=<a>/part-<shard>.parquet
+                                                                  one row per example
+
+Each kind is its own pyarrow dataset with hive partitioning (partition values
+live in the path, not in the files).  File names are deterministic, so a
+retried shard overwrites its file instead of duplicating it; files are written
+to a hidden temporary name and renamed (on object stores a single PUT), so a
+reader never sees half a file.  Every file carries the schema version and the
+run's configuration in its metadata.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Dict, Mapping
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+
+ATTACK_SCHEMA = pa.schema([
+    ("example", pa.int64()),      # stable index of the example in its source split
+    ("label", pa.int64()),
+    ("prediction", pa.int64()),   # recomputed from the adversarial input
+    ("correct", pa.bool_()),
+    ("eps", pa.float64()),
+    ("config_id", pa.string()),
+    ("seed", pa.int64()),
+    ("shard", pa.int64()),
+])
+
+TRIAL_SCHEMA = pa.schema([
+    ("trial", pa.string()),
+    ("config_id", pa.string()),
+    ("seed", pa.int64()),
+    ("defense", pa.string()),
+    ("status", pa.string()),      # running | completed | nan | error
+    ("reason", pa.string()),
+    ("node", pa.string()),
+    ("config", pa.string()),      # the resolved TrialSpec as JSON
+    ("epochs_done", pa.int64()),
+    ("val_acc", pa.float64()),
+    ("val_pgd_acc", pa.float64()),  # the selection metric (validation split)
+    ("checkpoint", pa.string()),
+    ("updated", pa.float64()),
+])
+
+PARTITIONS = {
+    "attack": pa.schema([("defense", pa.string()), ("trial", pa.string()), ("attack", pa.string())]),
+    "train": pa.schema([("defense", pa.string()), ("trial", pa.string())]),
+    "trials": pa.schema([]),
+}
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p != "")
+
+
+def attack_path(root: str, defense: str, trial: str, attack: str, shard: int) -> str:
+    return join(root, "data", "attack", f"defense={defense}", f"trial={trial}", f"attack={attack}",
+                f"part-{shard:05d}.parquet")
+
+
+def train_path(root: str, defense: str, trial: str) -> str:
+    return join(root, "data", "train", f"defense={defense}", f"trial={trial}", "part-0.parquet")
+
+
+def trial_path(root: str, trial: str) -> str:
+    return join(root, "data", "trials", f"part-{trial}.parquet")
+
+
+def file_metadata(run_config: Mapping[str, Any]) -> Dict[str, str]:
+    return {"schema_version": str(SCHEMA_VERSION), "run_config": json.dumps(run_config, default=str)}
+
+
+def write_table(fs: pafs.FileSystem, path: str, table: pa.Table, metadata: Mapping[str, str]) -> None:
+    """Write ``table`` to ``path`` atomically: no reader ever sees a partial file."""
+    meta = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}
+    table = table.replace_schema_metadata(meta)
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    if fs.type_name == "local":
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+        with fs.open_output_stream(tmp) as sink:
+            pq.write_table(table, sink)
+        fs.move(tmp, path)  # rename(2): atomic on POSIX
+    else:
+        # An object store makes an object visible only when its upload completes.
+        with fs.open_output_stream(path) as sink:
+            pq.write_table(table, sink)
+
+
+def read_kind(fs: pafs.FileSystem, root: str, kind: str) -> pa.Table:
+    """All rows of one kind (attack, train, trials) of an experiment, partition columns included.
+
+    An experiment without rows of that kind gives an empty table.
+    """
+    base = join(root, "data", kind)
+    info = fs.get_file_info(base)
+    if info.type != pafs.FileType.Directory:
+        return pa.table({})
+    partitioning = ds.partitioning(PARTITIONS[kind], flavor="hive") if len(PARTITIONS[kind]) else None
+    dataset = ds.dataset(base, filesystem=fs, format="parquet", partitioning=partitioning)
+    return dataset.to_table()
