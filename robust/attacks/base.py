@@ -21,9 +21,10 @@ from torch import Tensor, nn
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def cross_entropy_sum(logits: Tensor, y: Tensor) -> Tensor:
-    """Summed cross-entropy: per-example gradients do not shrink with the batch size."""
-    return F.cross_entropy(logits, y, reduction="sum")
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example cross-entropy (N,): summed for the gradient, so per-example
+    gradients do not shrink with the batch size."""
+    return F.cross_entropy(logits, y, reduction="none")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,60 @@ class LinfBall:
     def random_start(self, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return self.project(x + (2.0 * noise - 1.0) * self.eps, x)
+
+
+def _per_example_norm(t: Tensor) -> Tensor:
+    """L2 norm of each example, shaped (N, 1, 1, ...) for broadcasting."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class L2Ball:
+    """The L2 threat model {x' : ||x' - x||_2 <= eps, x' in [0,1]^d}."""
+
+    eps: float
+
+    def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        delta = x_adv - x
+        delta = delta * torch.clamp(self.eps / _per_example_norm(delta), max=1.0)
+        return torch.clamp(x + delta, 0.0, 1.0)
+
+    def step(self, x_adv: Tensor, grad: Tensor, step_size: float) -> Tensor:
+        """Steepest ascent under L2: a step of length ``step_size`` along grad / ||grad||."""
+        return x_adv + step_size * grad / _per_example_norm(grad)
+
+    def random_start(self, x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        """A point uniform in the L2 ball: direction uniform on the sphere, radius eps * U^(1/d)."""
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _per_example_norm(direction)
+        d = x[0].numel()
+        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator,
+                            device=x.device, dtype=x.dtype) ** (1.0 / d)
+        return self.project(x + self.eps * radius * direction, x)
+
+
+THREAT_MODELS = {"linf": LinfBall, "l2": L2Ball}
+
+
+def threat_model(norm: str, eps: float):
+    """The ball of ``norm`` ('linf' or 'l2') and radius ``eps``."""
+    if norm not in THREAT_MODELS:
+        raise ValueError(f"unknown norm {norm!r}; valid choices: {', '.join(THREAT_MODELS)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return THREAT_MODELS[norm](float(eps))
+
+
+#: Inputs per forward pass when the EOT copies of a batch are stacked, by device.
+#: Measured on a 2-core CPU (small conv net): 20 passes of 32 images took 0.16 s
+#: and one pass of 640 images 0.42 s, while for one image one pass of 20 copies
+#: beat 20 passes by 2x: so on CPU stack copies only up to a few dozen inputs.
+#: On a GPU large batches win.
+DEFAULT_EOT_CHUNK = {"cpu": 64, "cuda": 4096}
+
+
+def default_eot_chunk(device: torch.device) -> int:
+    return DEFAULT_EOT_CHUNK.get(device.type, DEFAULT_EOT_CHUNK["cpu"])
 
 
 class Attack:
@@ -77,11 +132,12 @@ class GradientAttack(Attack):
         eot_samples: S, the number of stochastic forward passes whose loss
             gradients are averaged (1 = plain gradient).
         eot_chunk: at most this many inputs per forward pass when the S copies
-            of a batch are stacked; None stacks all S copies in one pass.
+            of a batch are stacked (always at least one copy of the batch per
+            pass); None chooses per device (:data:`DEFAULT_EOT_CHUNK`).
     """
 
     def __init__(self, eot_samples: int = 1, eot_chunk: Optional[int] = None,
-                 loss_fn: LossFn = cross_entropy_sum) -> None:
+                 loss_fn: LossFn = cross_entropy) -> None:
         if eot_samples < 1:
             raise ValueError(f"eot_samples must be >= 1, got {eot_samples}")
         if eot_chunk is not None and eot_chunk < 1:
@@ -97,21 +153,33 @@ class GradientAttack(Attack):
         in chunks of at most ``eot_chunk`` rows, so the S passes share forward
         calls where memory allows.  Shape of the result: x.shape.
         """
+        grad, _ = self.loss_and_gradient(model, x, y, self.loss_fn)
+        return grad
+
+    def loss_and_gradient(self, model: nn.Module, x: Tensor, y: Tensor,
+                          loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """EOT estimate of the per-example loss and its input gradient.
+
+        ``loss_fn(logits, y)`` returns per-example losses (N,).  Returns
+        (gradient like x, mean per-example loss over the S passes (N,)).
+        Parameter gradients are never touched (``torch.autograd.grad``).
+        """
         x = x.detach().requires_grad_(True)
-        copies_per_pass = self._copies_per_pass(x.shape[0])
-        total = torch.zeros((), device=x.device)
+        n = x.shape[0]
+        copies_per_pass = self._copies_per_pass(n, x.device)
+        grad = torch.zeros_like(x)
+        loss_sum = torch.zeros(n, device=x.device, dtype=torch.float32)
         remaining = self.eot_samples
         while remaining > 0:
             copies = min(copies_per_pass, remaining)
             xs = x.repeat(copies, *([1] * (x.dim() - 1))) if copies > 1 else x
             ys = y.repeat(copies) if copies > 1 else y
-            loss = self.loss_fn(model(xs), ys) / self.eot_samples
-            loss.backward()
-            total = total + loss.detach()
+            losses = loss_fn(model(xs), ys).float()
+            grad += torch.autograd.grad(losses.sum(), x)[0]
+            loss_sum += losses.detach().view(copies, n).sum(0)
             remaining -= copies
-        return x.grad.detach()
+        return grad / self.eot_samples, loss_sum / self.eot_samples
 
-    def _copies_per_pass(self, batch: int) -> int:
-        if self.eot_chunk is None:
-            return self.eot_samples
-        return max(1, min(self.eot_samples, self.eot_chunk // max(batch, 1)))
+    def _copies_per_pass(self, batch: int, device: torch.device) -> int:
+        chunk = self.eot_chunk if self.eot_chunk is not None else default_eot_chunk(device)
+        return max(1, min(self.eot_samples, chunk // max(batch, 1)))

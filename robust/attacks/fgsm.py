@@ -6,7 +6,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from robust.attacks import ATTACKS
-from robust.attacks.base import GradientAttack, LinfBall
+from robust.attacks.base import GradientAttack, threat_model
 
 
 class FGSM(GradientAttack):
@@ -23,9 +23,7 @@ class FGSM(GradientAttack):
 
     def __init__(self, eps: float, eot_samples: int = 1, eot_chunk: Optional[int] = None) -> None:
         super().__init__(eot_samples=eot_samples, eot_chunk=eot_chunk)
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        self.ball = LinfBall(eps)
+        self.ball = threat_model("linf", eps)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         grad = self.input_gradient(model, x, y)

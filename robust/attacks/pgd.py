@@ -1,4 +1,4 @@
-"""PGD-n in L-inf (Madry et al. 2018), with random start and restarts."""
+"""PGD-n in L-inf and L2 (Madry et al. 2018), with random start, restarts and EOT."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,19 +7,20 @@ import torch
 from torch import Tensor, nn
 
 from robust.attacks import ATTACKS
-from robust.attacks.base import GradientAttack, LinfBall
+from robust.attacks.base import GradientAttack, threat_model
 
 
 class PGD(GradientAttack):
-    """Projected gradient ascent on the cross-entropy inside the L-inf eps-ball.
+    """Projected gradient ascent on the cross-entropy inside the eps-ball of ``norm``.
 
-    Each of ``steps`` iterations takes a signed-gradient step of ``step_size``
-    and projects back onto the ball and [0,1].  With ``restarts`` > 1, each
+    Each of ``steps`` iterations takes a steepest-ascent step of ``step_size``
+    (signed gradient for L-inf, normalised gradient for L2) and projects back
+    onto the ball and [0,1].  With ``restarts`` > 1, each
     restart begins at a fresh random point and an example keeps the first
     restart that misclassifies it.
 
     Args:
-        eps: L-inf budget; step_size: per-step size (2/255 for CIFAR-10 in the
+        eps: budget; norm: 'linf' or 'l2'; step_size: per-step size (2/255 for CIFAR-10 in the
             constant-perturbation paper, section 3); steps: n of PGD-n;
         random_start: start uniformly inside the ball (Madry et al.);
         restarts: number of random restarts; seed: seeds the random starts.
@@ -30,15 +31,14 @@ class PGD(GradientAttack):
 
     name = "pgd"
 
-    def __init__(self, eps: float, step_size: Optional[float] = None, steps: int = 20,
+    def __init__(self, eps: float, norm: str = "linf", step_size: Optional[float] = None, steps: int = 20,
                  random_start: bool = True, restarts: int = 1, seed: int = 0,
                  eot_samples: int = 1, eot_chunk: Optional[int] = None) -> None:
         super().__init__(eot_samples=eot_samples, eot_chunk=eot_chunk)
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}")
-        self.ball = LinfBall(eps)
+        self.ball = threat_model(norm, eps)
+        self.norm = norm
         # Default step: 2.5 * eps / steps (Madry et al.), so the iterate can cross the ball.
         self.step_size = step_size if step_size is not None else 2.5 * eps / steps
         self.steps = steps
