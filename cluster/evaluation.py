@@ -1,100 +1,195 @@
-"""Evaluation of trained trials on the test split, sharded into Ray tasks.
+"""Evaluation sharded over a pool of Ray actors.
 
-Each task evaluates one fixed shard of test positions of one trial clean and
-under every attack, and writes one Parquet file per (attack, shard) with a
-deterministic name, so a retried task overwrites its own files.  Shards whose
-files all exist are skipped, so a resumed experiment evaluates only what is
-missing.  The driver shows a progress bar over examples.
+Test examples are split into fixed shards; each job is one (model, shard).
+An actor loads each model once and keeps it (fractional GPUs when GPUs are
+present).  Every job writes one Parquet file per (trial, attack, shard) with a
+deterministic name, so a retried job overwrites its own files, and jobs whose
+files all exist are skipped on a re-run.  After the jobs, the sanity flags of
+every evaluated model are computed from its rows and stored beside them.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
-import ray
+import pyarrow.compute as pc
 import torch
+from torch import nn
 
 from cluster.records import load_state
 from cluster.storage import Storage
-from robust.device import prepare_module
-from robust.evaluate import CLEAN, AttackSpec, evaluate_shard, shard_positions
-from robust.results.schema import ATTACK_SCHEMA, attack_path, file_metadata, write_table
-from robust.spec import TrialSpec, build_model, build_defense, load_splits
+from robust.data.base import DatasetSplits
+from robust.device import default_device, prepare_module
+from robust.evaluation import checks
+from robust.evaluation.protocol import CLEAN, LARGE_EPS_LABEL, evaluate_shard, shard_positions
+from robust.evaluation.suite import parse_attacks
+from robust.results.schema import (ATTACK_SCHEMA, CHECK_SCHEMA, attack_path, checks_path,
+                                   file_metadata, read_kind, write_table)
+from robust.spec import TrialSpec, build_defense, build_model, load_splits
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one evaluated model comes from: a trial checkpoint, or a factory + weights file."""
+
+    trial: str
+    spec: Dict[str, Any]
+    checkpoint: str = ""      # a checkpoint directory in the experiment's storage
+    factory: str = ""         # module:function returning an nn.Module (external model)
+    weights: str = ""         # a local state-dict file for the external model
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    attacks: Tuple[str, ...]
+    protocol: str = "independent"
+    votes: int = 10
+    batch_size: int = 128
+    shard_size: int = 128
+    max_examples: Optional[int] = None
+    large_eps_examples: int = 8
+
+    def __post_init__(self) -> None:
+        if self.shard_size % self.batch_size:
+            raise ValueError(f"shard size {self.shard_size} must be a multiple of the batch size "
+                             f"{self.batch_size}, so that sharding never changes a batch")
 
 
 @dataclass(frozen=True)
 class ShardJob:
     trial: str
-    spec: Dict[str, Any]
-    checkpoint: str
     shard: int
     start: int
     stop: int
 
 
-def _labels(spec: TrialSpec) -> List[str]:
-    return [CLEAN] + [AttackSpec.parse(a).label for a in spec.attacks]
+def load_model(source: ModelSource, storage: Storage, splits: DatasetSplits) -> nn.Module:
+    """The model of ``source`` with its weights; raises on an architecture mismatch."""
+    spec = TrialSpec.from_dict(source.spec)
+    if source.factory:
+        module_name, _, function = source.factory.partition(":")
+        model = getattr(importlib.import_module(module_name), function)()
+        state = torch.load(source.weights, map_location="cpu", weights_only=True)
+    else:
+        model = build_defense(spec, splits).prepare_model(build_model(spec, splits))
+        state = load_state(storage, source.checkpoint)["model"]
+    model.load_state_dict(state)  # strict: a mismatched architecture fails here
+    return model
 
 
-def evaluate_job(job: ShardJob, storage: Storage, root: str, batch_size: int) -> int:
-    """Evaluate one shard and write its files; returns the number of examples."""
-    spec = TrialSpec.from_dict(job.spec)
-    splits = load_splits(spec)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    module = build_defense(spec, splits).prepare_model(build_model(spec, splits))
-    module.load_state_dict(load_state(storage, job.checkpoint)["model"])
-    module = prepare_module(module, device)
-    columns = evaluate_shard(module, splits.test, range(job.start, job.stop),
-                             [AttackSpec.parse(a) for a in spec.attacks], splits.eps, device,
-                             seed=spec.seed, shard=job.shard, batch_size=batch_size)
-    fs = storage.filesystem
+def evaluate_job(job: ShardJob, source: ModelSource, settings: EvalSettings, storage: Storage, root: str,
+                 model: Optional[nn.Module] = None, splits: Optional[DatasetSplits] = None) -> int:
+    """Evaluate one shard of one model and write its files; returns the number of examples."""
+    spec = TrialSpec.from_dict(source.spec)
+    splits = splits if splits is not None else load_splits(spec)
+    device = default_device()
+    model = prepare_module(model if model is not None else load_model(source, storage, splits), device)
+    attacks = parse_attacks(list(settings.attacks), splits.eps)
+    columns = evaluate_shard(model, splits.test, range(job.start, job.stop), attacks, splits.eps, device,
+                             seed=spec.seed, batch_size=settings.batch_size, protocol=settings.protocol,
+                             votes=settings.votes, large_eps_examples=settings.large_eps_examples)
     for label, cols in columns.items():
         n = len(cols["example"])
         table = pa.table({**cols, "config_id": [spec.config_id()] * n, "seed": [spec.seed] * n,
                           "shard": [job.shard] * n}, schema=ATTACK_SCHEMA)
-        write_table(fs, attack_path(root, spec.defense, job.trial, label, job.shard), table,
-                    file_metadata(spec.to_dict()))
+        write_table(storage.filesystem, attack_path(root, spec.defense, job.trial, label, job.shard), table,
+                    file_metadata({**spec.to_dict(), "evaluation": settings.__dict__}))
     return job.stop - job.start
 
 
-def plan_jobs(trials: Sequence[Dict[str, Any]], storage: Storage, root: str, test_size: int,
-              shard_size: int) -> List[ShardJob]:
-    """Shard jobs of completed trials whose result files are not all there yet."""
+class EvalWorker:
+    """A Ray actor's state: the models it has loaded, by trial."""
+
+    def __init__(self, storage: Storage, root: str, settings: EvalSettings) -> None:
+        self.storage, self.root, self.settings = storage, root, settings
+        self.loaded: Dict[str, Tuple[nn.Module, DatasetSplits]] = {}
+
+    def run(self, job: ShardJob, source: ModelSource) -> int:
+        if job.trial not in self.loaded:
+            splits = load_splits(TrialSpec.from_dict(source.spec))
+            self.loaded[job.trial] = (load_model(source, self.storage, splits), splits)
+        model, splits = self.loaded[job.trial]
+        return evaluate_job(job, source, self.settings, self.storage, self.root, model, splits)
+
+
+def labels_of(settings: EvalSettings, eps_data: float) -> List[str]:
+    labels = [CLEAN] + [a.label for a in parse_attacks(list(settings.attacks), eps_data)]
+    return labels + ([LARGE_EPS_LABEL] if settings.large_eps_examples > 0 else [])
+
+
+def plan_jobs(sources: Sequence[ModelSource], settings: EvalSettings, storage: Storage, root: str,
+              test_sizes: Dict[str, int], eps_data: Dict[str, float]) -> List[ShardJob]:
+    """The (model, shard) jobs whose result files are not all there yet."""
     fs = storage.filesystem
     jobs = []
-    for row in trials:
-        spec = TrialSpec.from_dict(json.loads(row["config"]))
-        n = min(test_size, spec.max_test_examples or test_size)
-        for shard, positions in enumerate(shard_positions(n, shard_size)):
-            paths = [attack_path(root, spec.defense, row["trial"], label, shard) for label in _labels(spec)]
-            infos = fs.get_file_info(paths)
-            if all(i.type == i.type.File for i in infos):
+    for source in sources:
+        spec = TrialSpec.from_dict(source.spec)
+        n = min(test_sizes[source.trial], settings.max_examples or test_sizes[source.trial])
+        labels = labels_of(settings, eps_data[source.trial])
+        for shard, positions in enumerate(shard_positions(n, settings.shard_size)):
+            paths = [attack_path(root, spec.defense, source.trial, label, shard) for label in labels]
+            if all(info.is_file for info in fs.get_file_info(paths)):
                 continue
-            jobs.append(ShardJob(row["trial"], spec.to_dict(), row["checkpoint"], shard,
-                                 positions.start, positions.stop))
+            jobs.append(ShardJob(source.trial, shard, positions.start, positions.stop))
     return jobs
 
 
-def run_jobs(jobs: Sequence[ShardJob], storage: Storage, root: str, *, num_cpus: float,
-             num_gpus: float, batch_size: int, max_retries: int = 3) -> int:
-    """Run shard jobs as Ray tasks with a progress bar; returns examples evaluated."""
+def run_pool(jobs: Sequence[ShardJob], sources: Sequence[ModelSource], settings: EvalSettings,
+             storage: Storage, root: str, actors: int, gpus_per_actor: float = 0.0) -> int:
+    """Run the jobs on ``actors`` Ray actors with a progress bar; returns examples evaluated."""
+    import ray
+    from ray.util import ActorPool
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    task = ray.remote(evaluate_job).options(num_cpus=num_cpus, num_gpus=num_gpus,
-                                            max_retries=max_retries)
-    pending = {task.remote(job, storage, root, batch_size): job for job in jobs}
-    total = sum(j.stop - j.start for j in jobs)
-    done = 0
+    if not jobs:
+        return 0
+    by_trial = {s.trial: s for s in sources}
+    Worker = ray.remote(EvalWorker).options(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2,
+                                            max_task_retries=2)
+    pool = ActorPool([Worker.remote(storage, root, settings) for _ in range(max(1, min(actors, len(jobs))))])
+    total, done = sum(j.stop - j.start for j in jobs), 0
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn()) as progress:
-        bar = progress.add_task("evaluating (clean, attacks) on test examples", total=total)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                pending.pop(ref)
-                n = ray.get(ref)
-                done += n
-                progress.update(bar, advance=n)
+        bar = progress.add_task(f"evaluating {len(settings.attacks)} attack(s) on test examples", total=total)
+        for n in pool.map_unordered(lambda a, job: a.run.remote(job, by_trial[job.trial]), jobs):
+            done += n
+            progress.update(bar, advance=n)
     return done
+
+
+def finalize_checks(storage: Storage, root: str, sources: Sequence[ModelSource]) -> Dict[str, List[checks.Flag]]:
+    """Compute every evaluated model's sanity flags from its rows and store them."""
+    table = read_kind(storage.filesystem, root, "attack")
+    out = {}
+    for source in sources:
+        rows = table.filter(pc.equal(table["trial"], source.trial))
+        if rows.num_rows == 0:
+            continue
+        spec = TrialSpec.from_dict(source.spec)
+        flags = checks.trial_flags(**flag_inputs(rows))
+        out[source.trial] = flags
+        data = pa.Table.from_pylist([{"flag": f.name, "tripped": f.tripped, "value": f.value,
+                                      "detail": f.detail} for f in flags], schema=CHECK_SCHEMA)
+        write_table(storage.filesystem, checks_path(root, spec.defense, source.trial), data,
+                    file_metadata(spec.to_dict()))
+    return out
+
+
+def flag_inputs(rows: pa.Table) -> Dict[str, Any]:
+    """Aggregate one model's rows into the arguments of :func:`checks.trial_flags`."""
+    acc = rows.group_by("attack").aggregate([("correct", "mean")])
+    accuracy = {a: v for a, v in zip(acc["attack"].to_pylist(), acc["correct_mean"].to_pylist())
+                if ":eps=" not in a}  # eps-curve points are other budgets, not stronger attacks
+    large = accuracy.pop(LARGE_EPS_LABEL, None)
+    clean = rows.filter(pc.equal(rows["attack"], CLEAN))
+    attacked = rows.filter(pc.and_(pc.equal(rows["stochastic"], True), pc.equal(rows["eot_samples"], 1)))
+    non_eot = sorted(set(attacked["attack"].to_pylist()) - {CLEAN})
+    return {
+        "accuracy": accuracy,
+        "zero_grad_fraction": pc.mean(clean["zero_grad"].cast(pa.float64())).as_py() or 0.0,
+        "prob_like_fraction": pc.mean(clean["prob_like"].cast(pa.float64())).as_py() or 0.0,
+        "large_eps_success_rate": None if large is None else 1.0 - large,
+        "non_eot": non_eot,
+    }

@@ -8,6 +8,7 @@ checkpoints, and only missing evaluation shards are computed.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow.compute as pc
 
+from cluster.evaluation import EvalSettings, ModelSource, finalize_checks, plan_jobs, run_pool
 from cluster.manifest import write_manifest
 from cluster.storage import Storage
 from robust.results.schema import read_kind
@@ -39,7 +41,7 @@ class ExperimentPlan:
     address: Optional[str] = None
     max_failures: int = 1
     eval_shard_size: int = 128
-    eval_batch_size: int = 256
+    eval_batch_size: int = 128
     metric: str = "val_pgd_acc"
     mode: str = "max"
     command: str = ""
@@ -157,9 +159,6 @@ def run_experiment(plan: ExperimentPlan) -> str:
     """Search, train, evaluate and summarise; returns the experiment root (display form)."""
     import ray
 
-    from cluster.evaluation import plan_jobs, run_jobs
-    from robust.spec import TrialSpec, load_splits
-
     storage = Storage(plan.storage, plan.endpoint)
     root = storage.experiment(plan.name)
     storage.filesystem.create_dir(root, recursive=True)
@@ -175,10 +174,36 @@ def run_experiment(plan: ExperimentPlan) -> str:
           f"{res.workers} worker(s) per trial, {res.concurrency} trial(s) at a time", flush=True)
     run_search(plan, storage, root, res)
 
-    trials = completed_trials(storage, root)
-    test_size = len(load_splits(TrialSpec.from_dict({**plan.base_spec, "seed": 0})).test)
-    jobs = plan_jobs(trials, storage, root, test_size, plan.eval_shard_size)
-    cpus = 1.0 if res.gpus_per_worker == 0 else res.cpus_per_worker
-    run_jobs(jobs, storage, root, num_cpus=cpus, num_gpus=min(res.gpus_per_worker, 1.0),
-             batch_size=plan.eval_batch_size)
+    settings = EvalSettings(attacks=tuple(plan.base_spec["attacks"]), batch_size=plan.eval_batch_size,
+                            shard_size=plan.eval_shard_size,
+                            max_examples=plan.base_spec.get("max_test_examples"))
+    sources = [ModelSource(t["trial"], json.loads(t["config"]), checkpoint=t["checkpoint"])
+               for t in completed_trials(storage, root)]
+    evaluate_sources(sources, settings, storage, root)
     return storage.display(root)
+
+
+def evaluation_actors(cluster: Dict[str, float], per_gpu: int = 4) -> Tuple[int, float]:
+    """(actors, GPUs per actor): one actor per CPU, or ``per_gpu`` actors sharing each GPU."""
+    gpus = float(cluster.get("GPU", 0))
+    if gpus >= 1:
+        return int(gpus * per_gpu), 1.0 / per_gpu
+    return max(1, int(cluster.get("CPU", 1))), 0.0
+
+
+def evaluate_sources(sources: List[ModelSource], settings: EvalSettings, storage: Storage, root: str,
+                     actors: Optional[int] = None) -> int:
+    """Evaluate every model of ``sources`` (missing shards only) and store its sanity flags."""
+    import ray
+
+    from robust.spec import TrialSpec, load_splits
+
+    sizes, eps = {}, {}
+    for source in sources:
+        splits = load_splits(TrialSpec.from_dict(source.spec))
+        sizes[source.trial], eps[source.trial] = len(splits.test), splits.eps
+    jobs = plan_jobs(sources, settings, storage, root, sizes, eps)
+    n_actors, gpus = evaluation_actors(ray.cluster_resources())
+    done = run_pool(jobs, sources, settings, storage, root, actors or n_actors, gpus)
+    finalize_checks(storage, root, sources)
+    return done

@@ -27,8 +27,8 @@ from robust.train.config import TrainConfig
 class TrialSpec:
     """Everything that determines one trial: what to train, how, with which seed, how to evaluate.
 
-    ``attacks``: evaluation attacks, each ``{"name": registry name, **hyperparameters}``;
-    eps defaults to the dataset's eps_data.  ``max_test_examples`` bounds the
+    ``attacks``: evaluation attack names (see :mod:`robust.evaluation.suite`),
+    at the dataset's eps_data unless a name overrides it.  ``max_test_examples`` bounds the
     test evaluation (None: the whole test split).
     """
 
@@ -40,7 +40,7 @@ class TrialSpec:
     dataset_config: Dict[str, Any] = field(default_factory=dict)
     model_config: Dict[str, Any] = field(default_factory=dict)
     train: Dict[str, Any] = field(default_factory=dict)
-    attacks: List[Dict[str, Any]] = field(default_factory=list)
+    attacks: List[str] = field(default_factory=list)
     max_test_examples: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:

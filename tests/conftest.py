@@ -26,3 +26,13 @@ def trained_digits_model(digits):
     module, _ = fit(model, create_defense("standard", eps_data=digits.eps), digits, cfg, seed=0,
                     device=torch.device("cpu"))
     return module.eval()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray instance shared by every actor test (never `ray stop`)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -120,7 +120,8 @@ def test_wrn_names_resolve_by_pattern() -> None:
     assert model.body.fc.in_features == 128
     assert [len(g) for g in (model.body.block1, model.body.block2, model.body.block3)] == [1, 1, 1]
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 5)
-    with pytest.raises(ValueError, match="6n \\+ 4"):
+    # a depth that is not 6n + 4 is not a model name: rejected before anything is built
+    with pytest.raises(UnknownNameError, match=r"wrn-D-K for any Wide-ResNet with \(D - 4\) % 6 == 0"):
         create_model("wrn-30-10")
 
 

@@ -15,7 +15,7 @@ from cluster.storage import Storage, check_local_creatable
 from robust.results import summary
 from robust.results.schema import (ATTACK_SCHEMA, SCHEMA_VERSION, TRIAL_SCHEMA, attack_path,
                                    file_metadata, read_kind, trial_path, write_table)
-from robust.evaluate import shard_positions
+from robust.evaluation.protocol import shard_positions
 from robust.spec import TrialSpec
 
 
@@ -35,10 +35,13 @@ def _write_trial(fs, root, trial, spec, val_pgd, accuracy, n=50):
         # two shards, to check that shards merge into the per-trial accuracy
         for shard, rng in enumerate(shard_positions(n, 30)):
             correct = [i < k for i in rng]
-            table = pa.table({"example": list(rng), "label": [0] * len(rng), "prediction": [0] * len(rng),
-                              "correct": correct, "eps": [0.1] * len(rng),
-                              "config_id": [spec.config_id()] * len(rng), "seed": [spec.seed] * len(rng),
-                              "shard": [shard] * len(rng)}, schema=ATTACK_SCHEMA)
+            m = len(rng)
+            table = pa.table({"example": list(rng), "label": [0] * m, "prediction": [0] * m,
+                              "correct": correct, "vote_prediction": [0] * m, "vote_correct": correct,
+                              "attacked": [True] * m, "robust": correct, "eps": [0.1] * m,
+                              "eot_samples": [1] * m, "stochastic": [False] * m, "zero_grad": [False] * m,
+                              "prob_like": [False] * m, "config_id": [spec.config_id()] * m,
+                              "seed": [spec.seed] * m, "shard": [shard] * m}, schema=ATTACK_SCHEMA)
             write_table(fs, attack_path(root, "constant", trial, attack, shard), table,
                         file_metadata(spec.to_dict()))
 
@@ -92,21 +95,31 @@ def test_summary_mean_std_over_seeds_and_best_seed_by_validation(experiment):
     assert s.seeds == [0, 1, 2]
     for attack in ("clean", "fgsm", "pgd-20"):
         assert s.accuracy[attack] == pytest.approx([a[1][attack] for a in accs.values()])
+    # the worst case is the per-example AND: here the examples correct under PGD are the
+    # first k, which are correct under the weaker attacks too
+    assert s.accuracy[summary.WORST] == pytest.approx(s.accuracy["pgd-20"])
     # best by validation PGD (t1, seed 1), not by the test numbers (t2 has the best clean)
-    assert s.best_seed == 1 and s.best_row["pgd-20"] == pytest.approx(0.66)
+    assert s.best_seed == 1 and s.best.accuracy("pgd-20") == pytest.approx(0.66)
     vals = [100 * a[1]["pgd-20"] for a in accs.values()]
     header, rows = summary.summary_rows([s])
     assert rows[0][header.index("pgd-20")] == f"{mean(vals):.2f} ± {stdev(vals):.2f}"
-    assert header[4:7] == ["clean", "fgsm", "pgd-20"]
+    assert header[4:8] == ["clean", "fgsm", "pgd-20", summary.WORST]
 
 
-def test_sanity_flags_mark_an_attack_weaker_than_it_must_be(experiment):
+def test_best_model_table_has_exact_binomial_intervals(experiment):
     fs, root, _ = experiment
     found = {s.description: s for s in summary.summarize_experiment(fs, root, "exp")}
-    assert found["bound=0.2 copies=5"].flags == []
-    assert "pgd>fgsm" in found["bound=0.4 copies=5"].flags
-    assert summary.sanity_flags({"clean": 0.5, "fgsm": 0.6}) == ["fgsm>clean"]
-    assert summary.sanity_flags({"pgd-7": 0.4, "pgd-20": 0.45}) == ["pgd-20>pgd-7"]
+    header, rows = summary.best_model_rows([found["bound=0.2 copies=5"]])
+    cell = rows[0][header.index("pgd-20")]  # 33 of 50 correct
+    assert cell == "66.00 [51.2, 78.8]", cell  # Clopper-Pearson 95% for 33/50
+
+
+def test_paired_test_between_models_on_the_same_examples(experiment):
+    fs, root, _ = experiment
+    header, rows = summary.paired_rows(summary.summarize_experiment(fs, root, "exp"))
+    assert len(rows) == 1
+    # other (pgd 0.9 -> 45 right, worst case = clean&fgsm&pgd = 40 right) vs t1 (33 right)
+    assert rows[0][header.index("only A right")] == "7" or rows[0][header.index("only B right")] == "7"
 
 
 @pytest.mark.parametrize("fmt", ["markdown", "csv"])

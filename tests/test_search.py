@@ -15,7 +15,7 @@ def test_smoke_preset_is_the_embedded_default_and_paper_is_the_paper():
     paper = get_preset("constant", "paper")
     assert (paper.dataset, paper.model, paper.model_config["dropout"]) == ("cifar10", "wrn-28-10", 0.1)
     assert (paper.train["epochs"], paper.train["lr"], paper.seeds) == (700, 0.02, 5)  # A.1, section 3
-    assert [a.get("steps") for a in paper.attacks] == [None, 7, 20, 100]               # Table 1
+    assert paper.attacks == ["fgsm", "pgd-7", "pgd-20", "pgd-100"]                     # Table 1
     with pytest.raises(ValueError, match="valid choices: smoke, paper"):
         get_preset("constant", "huge")
 

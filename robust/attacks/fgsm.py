@@ -21,7 +21,9 @@ class FGSM(GradientAttack):
 
     name = "fgsm"
 
-    def __init__(self, eps: float, eot_samples: int = 1, eot_chunk: Optional[int] = None) -> None:
+    def __init__(self, eps: float, eot_samples: int = 1, eot_chunk: Optional[int] = None,
+                 seed: int = 0) -> None:
+        # ``seed`` is accepted for a uniform attack signature; FGSM draws nothing.
         super().__init__(eot_samples=eot_samples, eot_chunk=eot_chunk)
         self.ball = threat_model("linf", eps)
 

@@ -26,14 +26,22 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 ATTACK_SCHEMA = pa.schema([
     ("example", pa.int64()),      # stable index of the example in its source split
     ("label", pa.int64()),
-    ("prediction", pa.int64()),   # recomputed from the adversarial input
+    ("prediction", pa.int64()),   # one draw, recomputed from the adversarial input
     ("correct", pa.bool_()),
+    ("vote_prediction", pa.int64()),  # majority vote over m draws (= prediction if deterministic)
+    ("vote_correct", pa.bool_()),
+    ("attacked", pa.bool_()),     # false where a cascade skipped an already-broken example
+    ("robust", pa.bool_()),       # worst case: correct clean and under every attack so far
     ("eps", pa.float64()),
+    ("eot_samples", pa.int64()),
+    ("stochastic", pa.bool_()),   # repeated forward passes of the model differ
+    ("zero_grad", pa.bool_()),    # the clean input's loss gradient is exactly zero
+    ("prob_like", pa.bool_()),    # the clean outputs are in [0,1] and sum to 1
     ("config_id", pa.string()),
     ("seed", pa.int64()),
     ("shard", pa.int64()),
@@ -55,7 +63,15 @@ TRIAL_SCHEMA = pa.schema([
     ("updated", pa.float64()),
 ])
 
+CHECK_SCHEMA = pa.schema([
+    ("flag", pa.string()),
+    ("tripped", pa.bool_()),
+    ("value", pa.float64()),
+    ("detail", pa.string()),
+])
+
 PARTITIONS = {
+    "checks": pa.schema([("defense", pa.string()), ("trial", pa.string())]),
     "attack": pa.schema([("defense", pa.string()), ("trial", pa.string()), ("attack", pa.string())]),
     "train": pa.schema([("defense", pa.string()), ("trial", pa.string())]),
     "trials": pa.schema([]),
@@ -69,6 +85,10 @@ def join(*parts: str) -> str:
 def attack_path(root: str, defense: str, trial: str, attack: str, shard: int) -> str:
     return join(root, "data", "attack", f"defense={defense}", f"trial={trial}", f"attack={attack}",
                 f"part-{shard:05d}.parquet")
+
+
+def checks_path(root: str, defense: str, trial: str) -> str:
+    return join(root, "data", "checks", f"defense={defense}", f"trial={trial}", "part-0.parquet")
 
 
 def train_path(root: str, defense: str, trial: str) -> str:

@@ -2,10 +2,11 @@
 
 For each experiment, defense and configuration: accuracy clean and under each
 attack as mean +- std over seeds (like Table 1 of the constant-perturbation
-paper), and the best seed's whole row.  The best seed is chosen by the
-selection metric on the *validation* split (PGD accuracy, the strongest
-attack run during training), never by test numbers, so the reported test row
-is not selected on the test set.
+paper), the worst case over all attacks, and the best seed's whole row.  The
+best seed is chosen by the selection metric on the *validation* split (PGD
+accuracy), never by test numbers.  For the best models: accuracies with 95%
+Clopper-Pearson intervals, the stored sanity flags, and McNemar tests between
+models evaluated on the same examples.
 """
 from __future__ import annotations
 
@@ -20,9 +21,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from robust.evaluation.stats import clopper_pearson, mcnemar
 from robust.results.schema import read_kind
 
 COMPLETED = "completed"
+WORST = "worst-case"
+SANITY_PREFIX = "sanity-"
+
+
+@dataclass
+class TrialResult:
+    """One evaluated model: per-attack outcomes on its examples."""
+
+    trial: str
+    seed: int
+    val_metric: float
+    outcomes: Dict[str, Dict[int, bool]]        # attack -> example -> correct
+    vote: Dict[str, float] = field(default_factory=dict)  # attack -> majority-vote accuracy
+    stochastic: bool = False
+    flags: List[str] = field(default_factory=list)
+
+    def accuracy(self, attack: str) -> float:
+        values = list(self.outcomes[attack].values())
+        return sum(values) / len(values) if values else math.nan
+
+    def counts(self, attack: str) -> Tuple[int, int]:
+        values = list(self.outcomes[attack].values())
+        return sum(values), len(values)
 
 
 @dataclass
@@ -33,15 +58,25 @@ class ConfigSummary:
     defense: str
     config_id: str
     description: str
-    seeds: List[int]
-    accuracy: Dict[str, List[float]]          # attack -> per-seed test accuracy (seed order)
-    best_seed: Optional[int]
-    best_row: Dict[str, float]
-    flags: List[str] = field(default_factory=list)
+    trials: List[TrialResult]
+    best: TrialResult
+
+    @property
+    def seeds(self) -> List[int]:
+        return [t.seed for t in self.trials]
+
+    @property
+    def accuracy(self) -> Dict[str, List[float]]:
+        labels = sorted({a for t in self.trials for a in t.outcomes}, key=attack_order)
+        return {a: [t.accuracy(a) if a in t.outcomes else math.nan for t in self.trials] for a in labels}
+
+    @property
+    def best_seed(self) -> int:
+        return self.best.seed
 
 
 def attack_order(label: str) -> Tuple[int, int, str]:
-    """clean, fgsm, then pgd-n by n, then the rest by name: weakest attack first."""
+    """clean, fgsm, pgd-n by n, the rest by name, the worst case last."""
     if label == "clean":
         return (0, 0, label)
     if label == "fgsm":
@@ -49,6 +84,8 @@ def attack_order(label: str) -> Tuple[int, int, str]:
     m = re.fullmatch(r"pgd-(\d+)", label)
     if m:
         return (2, int(m.group(1)), label)
+    if label == WORST:
+        return (9, 0, label)
     return (3, 0, label)
 
 
@@ -56,28 +93,43 @@ def describe_config(config_json: str) -> str:
     """Short text for a configuration: its defense settings, e.g. 'bound=0.2 copies=5'."""
     spec = json.loads(config_json)
     settings = spec.get("defense_config", {})
-    parts = []
-    for key in sorted(settings):
-        value = settings[key]
-        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(settings.items())]
     return " ".join(parts) or "default"
 
 
-def sanity_flags(accuracy: Dict[str, float]) -> List[str]:
-    """Flags that an evaluation is not credible: an attack beating clean accuracy
-    means it failed; more PGD steps or PGD scoring above FGSM suggests masked gradients."""
-    flags = []
-    clean = accuracy.get("clean")
-    for label, acc in accuracy.items():
-        if label != "clean" and clean is not None and acc > clean + 1e-9:
-            flags.append(f"{label}>clean")
-    pgds = sorted((attack_order(a)[1], acc) for a, acc in accuracy.items() if attack_order(a)[0] == 2)
-    if "fgsm" in accuracy and pgds and pgds[-1][1] > accuracy["fgsm"] + 1e-9:
-        flags.append("pgd>fgsm")
-    for (n1, a1), (n2, a2) in zip(pgds, pgds[1:]):
-        if a2 > a1 + 1e-9:
-            flags.append(f"pgd-{n2}>pgd-{n1}")
-    return flags
+def _is_curve_point(label: str) -> bool:
+    return ":eps=" in label
+
+
+def trial_results(attacks: pa.Table, trials: Sequence[dict], checks: pa.Table) -> Dict[str, TrialResult]:
+    """Per-trial outcomes; the worst case is the per-example AND over clean and every attack."""
+    out: Dict[str, TrialResult] = {}
+    cols = attacks.select(["trial", "attack", "example", "correct", "vote_correct", "stochastic"]).to_pydict()
+    for t, a, e, c, v, s in zip(*cols.values()):
+        if t not in out:
+            out[t] = TrialResult(t, 0, math.nan, {})
+        if a.startswith(SANITY_PREFIX) or _is_curve_point(a):
+            continue
+        out[t].outcomes.setdefault(a, {})[e] = c
+        out[t].vote.setdefault(a, 0.0)
+        out[t].vote[a] += v
+        out[t].stochastic |= s
+    for result in out.values():
+        for a in result.vote:
+            result.vote[a] /= max(len(result.outcomes[a]), 1)
+        examples = set.intersection(*(set(o) for o in result.outcomes.values())) if result.outcomes else set()
+        if len(result.outcomes) > 1:
+            result.outcomes[WORST] = {e: all(o[e] for o in result.outcomes.values()) for e in sorted(examples)}
+    for row in trials:
+        if row["trial"] in out:
+            out[row["trial"]].seed = row["seed"]
+            out[row["trial"]].val_metric = row["val_pgd_acc"]
+    if checks.num_rows:
+        tripped = checks.filter(pc.equal(checks["tripped"], True)).select(["trial", "flag"]).to_pylist()
+        for row in tripped:
+            if row["trial"] in out:
+                out[row["trial"]].flags.append(row["flag"])
+    return out
 
 
 def summarize_experiment(fs: pafs.FileSystem, root: str, experiment: str) -> List[ConfigSummary]:
@@ -85,24 +137,18 @@ def summarize_experiment(fs: pafs.FileSystem, root: str, experiment: str) -> Lis
     attacks = read_kind(fs, root, "attack")
     if trials.num_rows == 0 or attacks.num_rows == 0:
         return []
-    acc = attacks.group_by(["trial", "attack"]).aggregate([("correct", "mean")])
-    per_trial: Dict[str, Dict[str, float]] = {}
-    for t, a, v in zip(acc["trial"].to_pylist(), acc["attack"].to_pylist(), acc["correct_mean"].to_pylist()):
-        per_trial.setdefault(t, {})[a] = v
     done = trials.filter(pc.equal(trials["status"], COMPLETED)).to_pylist()
+    results = trial_results(attacks, done, read_kind(fs, root, "checks"))
     groups: Dict[Tuple[str, str], List[dict]] = {}
     for row in sorted(done, key=lambda r: (r["defense"], r["config_id"], r["seed"])):
-        if row["trial"] in per_trial:
+        if row["trial"] in results:
             groups.setdefault((row["defense"], row["config_id"]), []).append(row)
     out = []
     for (defense, config_id), rows in groups.items():
-        labels = sorted({a for r in rows for a in per_trial[r["trial"]]}, key=attack_order)
-        accuracy = {a: [per_trial[r["trial"]].get(a, math.nan) for r in rows] for a in labels}
-        best = max(rows, key=lambda r: (_finite(r["val_pgd_acc"]), -r["seed"]))
-        best_row = per_trial[best["trial"]]
-        out.append(ConfigSummary(
-            experiment, defense, config_id, describe_config(rows[0]["config"]),
-            [r["seed"] for r in rows], accuracy, best["seed"], best_row, sanity_flags(best_row)))
+        members = [results[r["trial"]] for r in rows]
+        best = max(members, key=lambda t: (_finite(t.val_metric), -t.seed))
+        out.append(ConfigSummary(experiment, defense, config_id, describe_config(rows[0]["config"]),
+                                 members, best))
     return out
 
 
@@ -119,19 +165,105 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{mean(vals):.2f} ± {stdev(vals):.2f}"
 
 
+def _labels(summaries: Sequence[ConfigSummary]) -> List[str]:
+    return sorted({a for s in summaries for a in s.accuracy}, key=attack_order)
+
+
 def summary_rows(summaries: Sequence[ConfigSummary]) -> Tuple[List[str], List[List[str]]]:
-    """Header and rows of the summary table (accuracies in percent)."""
-    labels = sorted({a for s in summaries for a in s.accuracy}, key=attack_order)
+    """Seeds table: mean +- std over seeds per attack, then the best seed's row (percent)."""
+    labels = _labels(summaries)
     header = ["experiment", "defense", "config", "seeds"] + labels + ["best seed"] + \
-        [f"best {a}" for a in labels] + ["flags"]
+        [f"best {a}" for a in labels]
     rows = []
     for s in summaries:
+        acc = s.accuracy
         rows.append([s.experiment, s.defense, s.description, str(len(s.seeds))]
-                    + [mean_std(s.accuracy.get(a, [])) for a in labels]
-                    + [str(s.best_seed)]
-                    + [f"{100 * s.best_row[a]:.2f}" if a in s.best_row else "-" for a in labels]
-                    + [",".join(s.flags) or "ok"])
+                    + [mean_std(acc.get(a, [])) for a in labels] + [str(s.best_seed)]
+                    + [f"{100 * s.best.accuracy(a):.2f}" if a in s.best.outcomes else "-" for a in labels])
     return header, rows
+
+
+def best_model_rows(summaries: Sequence[ConfigSummary], confidence: float = 0.95
+                    ) -> Tuple[List[str], List[List[str]]]:
+    """Per-attack table of the best models: accuracy [95% interval], n, vote, flags."""
+    labels = _labels(summaries)
+    header = ["experiment", "defense", "config", "seed", "n"] + labels + ["stochastic", "flags"]
+    rows = []
+    for s in summaries:
+        b = s.best
+        cells = []
+        for a in labels:
+            if a not in b.outcomes:
+                cells.append("-")
+                continue
+            k, n = b.counts(a)
+            lo, hi = clopper_pearson(k, n, confidence)
+            vote = f" vote {100 * b.vote[a]:.1f}" if b.stochastic and a in b.vote else ""
+            cells.append(f"{100 * k / n:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]{vote}")
+        n_examples = max((len(o) for o in b.outcomes.values()), default=0)
+        rows.append([s.experiment, s.defense, s.description, str(b.seed), str(n_examples)] + cells
+                    + ["yes" if b.stochastic else "no", ",".join(b.flags) or "ok"])
+    return header, rows
+
+
+def paired_rows(summaries: Sequence[ConfigSummary], attack: str = WORST) -> Tuple[List[str], List[List[str]]]:
+    """McNemar tests between best models on the examples both were evaluated on."""
+    header = ["model A", "model B", "attack", "n", "only A right", "only B right", "p (exact McNemar)"]
+    rows = []
+    named = [(f"{s.experiment}/{s.defense} {s.description} seed {s.best.seed}", s.best) for s in summaries]
+    for i in range(len(named)):
+        for j in range(i + 1, len(named)):
+            (na, a), (nb, b) = named[i], named[j]
+            label = attack if attack in a.outcomes and attack in b.outcomes else "clean"
+            common = sorted(set(a.outcomes.get(label, {})) & set(b.outcomes.get(label, {})))
+            if not common:
+                continue
+            only_a, only_b, p = mcnemar([a.outcomes[label][e] for e in common],
+                                        [b.outcomes[label][e] for e in common])
+            rows.append([na, nb, label, str(len(common)), str(only_a), str(only_b), f"{p:.3g}"])
+    return header, rows
+
+
+def curve_points(fs: pafs.FileSystem, root: str) -> List[dict]:
+    """Robust accuracy versus eps: rows (trial, attack, eps, accuracy, n) of the eps-curve labels."""
+    attacks = read_kind(fs, root, "attack")
+    if attacks.num_rows == 0:
+        return []
+    labels = [a for a in set(attacks["attack"].to_pylist()) if _is_curve_point(a)]
+    if not labels:
+        return []
+    rows = attacks.filter(pc.is_in(attacks["attack"], pa.array(labels + ["clean"])))
+    agg = rows.group_by(["trial", "attack", "eps"]).aggregate([("correct", "mean"), ("correct", "count")])
+    points = [{"trial": t, "attack": a.split(":eps=")[0], "eps": e, "accuracy": m, "n": n}
+              for t, a, e, m, n in zip(*agg.select(["trial", "attack", "eps", "correct_mean",
+                                                      "correct_count"]).to_pydict().values())]
+    curves = {(p["trial"], p["attack"]) for p in points if p["attack"] != "clean"}
+    clean = {p["trial"]: p for p in points if p["attack"] == "clean"}
+    # every curve starts at eps = 0 with the clean accuracy
+    return [p for p in points if p["attack"] != "clean"] + [
+        {**clean[t], "attack": a, "eps": 0.0} for t, a in sorted(curves) if t in clean]
+
+
+def plot_curves(points: Sequence[dict], path: str, names: Dict[str, str]) -> None:
+    """Robust accuracy versus eps as a PNG (like constant perturbations Fig. 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (trial, attack) in sorted({(p["trial"], p["attack"]) for p in points}):
+        pts = sorted((p["eps"], p["accuracy"]) for p in points if p["trial"] == trial and p["attack"] == attack)
+        ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o",
+                label=f"{names.get(trial, trial)} ({attack})")
+    ax.set_xlabel("eps")
+    ax.set_ylabel("robust accuracy [%]")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def format_markdown(header: List[str], rows: List[List[str]]) -> str:
@@ -157,7 +289,8 @@ def print_rich_table(header: List[str], rows: List[List[str]], title: str) -> No
 
     table = Table(title=title, show_lines=False)
     for h in header:
-        table.add_column(h, justify="left" if h in ("experiment", "defense", "config", "flags") else "right")
+        left = h in ("experiment", "defense", "config", "flags", "model A", "model B", "attack")
+        table.add_column(h, justify="left" if left else "right")
     for r in rows:
         table.add_row(*r)
     Console(width=max(160, 12 * len(header))).print(table)

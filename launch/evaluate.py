@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Evaluate trained models under attacks, sharded over a pool of Ray actors.
+
+    python launch/evaluate.py results/<experiment> --attacks fgsm,pgd-20,eot-pgd,apgd-rand
+    python launch/evaluate.py results/<experiment> --trial <trial id> --attacks apgd-ce --max-examples 500
+    python launch/evaluate.py results/<experiment> --eps-curve pgd-20 --eps-values 0.02,0.05,0.1,0.2
+    python launch/evaluate.py results/external --model-factory mypkg.models:build --weights w.pt \\
+        --dataset cifar10 --attacks apgd-rand
+
+Results go into the experiment's data/attack/ (one file per trial, attack and
+shard; shards already written are skipped), sanity flags into data/checks/,
+and the summary is printed at the end.  Attack names: see
+robust/evaluation/suite.py (fgsm, pgd-N, pgd-l2-N, eot-pgd[-N], apgd-ce,
+apgd-dlr, apgd-rand; overrides as NAME:key=value,...).  Everything is
+validated, checkpoints included, before Ray starts; bad input exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+
+class UsageError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evaluate.py", description="Evaluate trained models under attacks.")
+    p.add_argument("experiment", help="experiment folder or s3://bucket/prefix/<experiment>")
+    p.add_argument("--trial", action="append", default=[], help="evaluate only this trial (repeatable)")
+    p.add_argument("--attacks", default="fgsm,pgd-20", help="comma-separated attack names")
+    p.add_argument("--protocol", default="independent", help="independent (default) or cascade")
+    p.add_argument("--max-examples", type=int, help="evaluate at most this many test examples")
+    p.add_argument("--eps-curve", help="attack to run at every --eps-values (robust accuracy vs eps)")
+    p.add_argument("--eps-values", help="comma-separated eps values for --eps-curve")
+    p.add_argument("--votes", type=int, default=10, help="draws for the majority vote of stochastic models")
+    p.add_argument("--actors", type=int, help="evaluation actors (default: one per CPU, 4 per GPU)")
+    p.add_argument("--shard-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--model-factory", help="module:function that returns an nn.Module (external model)")
+    p.add_argument("--weights", help="state-dict file of the external model (loaded with weights_only=True)")
+    p.add_argument("--dataset", help="dataset of the external model")
+    p.add_argument("--endpoint", help="S3-compatible endpoint URL")
+    p.add_argument("--address", help="Ray cluster address (default: a private local instance)")
+    return p
+
+
+def _attack_names(args: argparse.Namespace) -> List[str]:
+    names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if args.eps_curve or args.eps_values:
+        if not (args.eps_curve and args.eps_values):
+            raise UsageError("--eps-curve and --eps-values go together")
+        if args.protocol == "cascade":
+            raise UsageError("--eps-curve needs --protocol independent (a cascade would only attack "
+                             "the survivors of smaller eps)")
+        for value in args.eps_values.split(","):
+            eps = float(value)
+            if eps < 0:
+                raise UsageError(f"eps values must be >= 0, got {eps}")
+            if eps > 0:
+                names.append(f"{args.eps_curve}:eps={eps:.6g}")
+    return names
+
+
+def _external_source(args, storage):
+    from cluster.evaluation import ModelSource
+    from robust.data import dataset_names
+
+    if not (args.weights and args.dataset):
+        raise UsageError("--model-factory needs --weights FILE and --dataset NAME")
+    if args.dataset not in dataset_names():
+        raise UsageError(f"unknown dataset {args.dataset!r}; valid choices: {', '.join(dataset_names())}")
+    with open(args.weights, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:10]
+    spec = {"defense": "external", "dataset": args.dataset, "model": args.model_factory, "seed": 0,
+            "defense_config": {"weights": digest}, "dataset_config": {}, "model_config": {},
+            "train": {}, "attacks": [], "max_test_examples": None}
+    return ModelSource(f"external-{digest}", spec, factory=args.model_factory, weights=args.weights)
+
+
+def resolve(args: argparse.Namespace) -> Dict[str, Any]:
+    """Validate everything (attacks, trials, checkpoints) without Ray; raises UsageError."""
+    from cluster.evaluation import EvalSettings, ModelSource, load_model
+    from cluster.storage import Storage
+    from robust.evaluation.protocol import PROTOCOLS
+    from robust.evaluation.suite import parse_attacks
+    from robust.results.schema import read_kind
+    from robust.spec import TrialSpec, load_splits
+
+    if args.protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {args.protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+    for flag in ("max_examples", "votes", "actors", "shard_size", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    storage = Storage(args.experiment.rstrip("/"), args.endpoint)
+    root = storage.root
+    if args.model_factory:
+        sources = [_external_source(args, storage)]
+    else:
+        if storage.filesystem.get_file_info(f"{root}/data/trials").type.name != "Directory":
+            raise UsageError(f"no experiment at {args.experiment}: data/trials/ not found "
+                             "(use --model-factory for a model trained elsewhere)")
+        trials = [t for t in read_kind(storage.filesystem, root, "trials").to_pylist()
+                  if t["status"] == "completed" and t["checkpoint"]]
+        known = {t["trial"] for t in trials}
+        unknown = [t for t in args.trial if t not in known]
+        if unknown:
+            raise UsageError(f"unknown trial {unknown[0]!r}; completed trials: {', '.join(sorted(known))}")
+        sources = [ModelSource(t["trial"], json.loads(t["config"]), checkpoint=t["checkpoint"])
+                   for t in trials if not args.trial or t["trial"] in args.trial]
+        if not sources:
+            raise UsageError(f"no completed trial with a checkpoint in {args.experiment}")
+    names = _attack_names(args)
+    try:
+        settings = EvalSettings(attacks=tuple(names), protocol=args.protocol, votes=args.votes,
+                                batch_size=args.batch_size, shard_size=args.shard_size,
+                                max_examples=args.max_examples)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for source in sources:
+        splits = load_splits(TrialSpec.from_dict(source.spec))
+        parse_attacks(names, splits.eps)
+        try:
+            load_model(source, storage, splits)
+        except (RuntimeError, ImportError, AttributeError, OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise UsageError(f"cannot load the model of {source.trial}: {first}") from None
+    return {"storage": storage, "root": root, "sources": sources, "settings": settings}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        r = resolve(args)
+    except (UsageError, ValueError) as err:
+        parser.error(str(err))
+
+    import ray
+
+    from cluster.experiment import evaluate_sources
+    from cluster.records import write_trial_row
+    from robust.spec import TrialSpec
+
+    for source in r["sources"]:
+        if source.factory:  # an external model gets a trials row, so the summary lists it
+            write_trial_row(r["storage"], r["root"], source.trial, TrialSpec.from_dict(source.spec),
+                            "completed", checkpoint=source.weights)
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(address="local", include_dashboard=False)
+    done = evaluate_sources(r["sources"], r["settings"], r["storage"], r["root"], actors=args.actors)
+    print(f"evaluated {done} example(s) x model(s); results in {r['storage'].display(r['root'])}")
+    import summarize
+
+    return summarize.main([args.experiment] + (["--endpoint", args.endpoint] if args.endpoint else []))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Evaluation: attack suites (suite.py), the per-example protocol (protocol.py),
+sanity checks (checks.py) and statistics (stats.py)."""

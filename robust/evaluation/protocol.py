@@ -1,0 +1,163 @@
+"""Per-example evaluation of a trained model under a list of attacks.
+
+Every row is one (example, attack).  Predictions are recomputed from the
+adversarial inputs after each attack returns, never carried over from inside
+an attack.  Two protocols:
+
+* independent: every attack runs on every example (Table 1 of the
+  constant-perturbation paper reports each attack alone);
+* cascade: each attack runs only on the examples that every earlier attack
+  left correctly classified (AutoAttack's protocol, Croce & Hein 2020).
+
+Either way ``robust`` is the running worst case: correct on the clean input
+and under every attack so far.  Stochastic models (repeated forward passes
+differ) are detected; their accuracy is reported for a single draw
+(``prediction``) and as a majority vote over ``votes`` draws
+(``vote_prediction``), and their gradient attacks use EOT unless the attack
+sets ``eot_samples`` itself.  Work is split into fixed shards of example
+positions, and shards into batches; all randomness of a batch (attack starts,
+EOT draws, the model's own noise) derives from (seed, position of the batch's
+first example).  With the shard size a multiple of the batch size, sharding
+never changes a batch: a retried shard reproduces its rows, and 1 worker, 8
+workers or one unsharded pass give the same rows.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from robust.attacks.base import GradientAttack, cross_entropy
+from robust.data.base import ImageSplit
+from robust.device import prepare_input
+from robust.evaluation.checks import LARGE_EPS
+from robust.evaluation.suite import RAND_EOT_SAMPLES, AttackSpec
+from robust.seeding import derive_seed
+
+CLEAN = "clean"
+LARGE_EPS_LABEL = "sanity-large-eps"
+PROTOCOLS = ("independent", "cascade")
+COLUMNS = ("example", "label", "prediction", "correct", "vote_prediction", "vote_correct",
+           "attacked", "robust", "eps", "eot_samples", "stochastic", "zero_grad", "prob_like")
+
+
+def shard_positions(n: int, shard_size: int) -> List[range]:
+    """Fixed contiguous shards of ``range(n)``: the same for 1 worker or 8."""
+    return [range(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+@torch.no_grad()
+def is_stochastic(model: nn.Module, x: Tensor, passes: int = 3) -> bool:
+    """True when repeated eval-mode forward passes on the same input differ."""
+    first = model(x)
+    return any(not torch.equal(model(x), first) for _ in range(passes - 1))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, votes: int, stochastic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(single-draw prediction, majority vote over ``votes`` draws, logits of the first draw)."""
+    logits = model(x)
+    single = logits.argmax(1)
+    if not stochastic or votes <= 1:
+        return single, single, logits
+    draws = torch.stack([single] + [model(x).argmax(1) for _ in range(votes - 1)])
+    return single, torch.mode(draws, dim=0).values, logits
+
+
+def attack_for_model(spec: AttackSpec, stochastic: bool) -> AttackSpec:
+    """On a stochastic model a gradient attack without an explicit S gets EOT by default."""
+    if stochastic and spec.gradient_based and "eot_samples" not in spec.params:
+        return spec.with_params(eot_samples=RAND_EOT_SAMPLES)
+    return spec
+
+
+def _input_diagnostics(model: nn.Module, x: Tensor, y: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Per example: is the input gradient exactly zero; do the outputs look like probabilities."""
+    grad, _ = GradientAttack().loss_and_gradient(model, x, y, cross_entropy)
+    zero_grad = grad.flatten(1).abs().amax(1) == 0
+    prob_like = (logits.min(1).values >= 0) & (logits.max(1).values <= 1) & \
+        ((logits.sum(1) - 1).abs() < 1e-4)
+    return zero_grad, prob_like
+
+
+def evaluate_shard(module: nn.Module, split: ImageSplit, positions: Sequence[int],
+                   attacks: Sequence[AttackSpec], eps_data: float, device: torch.device,
+                   seed: int, batch_size: int = 256, protocol: str = "independent",
+                   votes: int = 10, large_eps_examples: int = 8,
+                   progress: Optional[Callable[[int], None]] = None) -> Dict[str, Dict[str, list]]:
+    """Evaluate ``positions`` of ``split`` clean and under each attack.
+
+    Returns {label: columns} with the columns of :data:`COLUMNS` (lists of equal
+    length), ``label`` being 'clean' or the attack's label.  The first
+    ``large_eps_examples`` examples of every batch are also attacked with PGD
+    at eps = 1 (label 'sanity-large-eps'), which must fool all of them
+    (:func:`robust.evaluation.checks.large_eps_success`).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
+    module.eval()
+    out: Dict[str, Dict[str, list]] = {label: {c: [] for c in COLUMNS}
+                                       for label in [CLEAN] + [a.label for a in attacks]}
+    if large_eps_examples > 0:
+        out[LARGE_EPS_LABEL] = {c: [] for c in COLUMNS}
+    positions = list(positions)
+    for start in range(0, len(positions), batch_size):
+        batch_seed = derive_seed(seed, positions[start])
+        torch.manual_seed(batch_seed)  # the model's own noise, if any
+        x, y, index = split.batch(torch.as_tensor(positions[start:start + batch_size]))
+        x, y = prepare_input(x, device), y.to(device)
+        stochastic = is_stochastic(module, x)
+        single, vote, logits = predict(module, x, votes, stochastic)
+        zero_grad, prob_like = _input_diagnostics(module, x, y, logits)
+        robust = single == y
+        worst_pred = single.clone()
+        _append(out[CLEAN], index, y, single, vote, torch.ones_like(robust), robust, 0.0, 0,
+                stochastic, zero_grad, prob_like)
+        for i, spec in enumerate(attacks):
+            spec = attack_for_model(spec, stochastic)
+            attacked = robust.clone() if protocol == "cascade" else torch.ones_like(robust)
+            pred, vote = worst_pred.clone(), worst_pred.clone()
+            if bool(attacked.any()):
+                attack = spec.build(eps_data, derive_seed(batch_seed, i))
+                x_adv = attack(module, x[attacked], y[attacked])
+                p_single, p_vote, _ = predict(module, x_adv, votes, stochastic)
+                pred[attacked], vote[attacked] = p_single, p_vote
+            correct = pred == y
+            robust = robust & correct
+            worst_pred = torch.where(correct, worst_pred, pred)
+            _append(out[attacks[i].label], index, y, pred, vote,
+                    attacked, robust, spec.eps(eps_data), int(spec.params.get("eot_samples", 1)),
+                    stochastic, zero_grad, prob_like)
+        if large_eps_examples > 0:
+            k = min(large_eps_examples, len(y))
+            spec = attack_for_model(AttackSpec(LARGE_EPS_LABEL, "pgd", {"eps": LARGE_EPS, "steps": 20,
+                                                                         "step_fraction": 0.25}), stochastic)
+            x_adv = spec.build(eps_data, derive_seed(batch_seed, -1))(module, x[:k], y[:k])
+            p_single, p_vote, _ = predict(module, x_adv, votes, stochastic)
+            ones = torch.ones(k, dtype=torch.bool, device=y.device)
+            _append(out[LARGE_EPS_LABEL], index[:k], y[:k], p_single, p_vote, ones, p_single == y[:k],
+                    LARGE_EPS, int(spec.params.get("eot_samples", 1)), stochastic, zero_grad[:k],
+                    prob_like[:k])
+        if progress is not None:
+            progress(len(y))
+    return out
+
+
+def _append(cols: Dict[str, list], index: Tensor, y: Tensor, pred: Tensor, vote: Tensor, attacked: Tensor,
+            robust: Tensor, eps: float, eot_samples: int, stochastic: bool, zero_grad: Tensor,
+            prob_like: Tensor) -> None:
+    n = len(y)
+    cols["example"] += index.tolist()
+    cols["label"] += y.tolist()
+    cols["prediction"] += pred.tolist()
+    cols["correct"] += (pred == y).tolist()
+    cols["vote_prediction"] += vote.tolist()
+    cols["vote_correct"] += (vote == y).tolist()
+    cols["attacked"] += attacked.tolist()
+    cols["robust"] += robust.tolist()
+    cols["eps"] += [float(eps)] * n
+    cols["eot_samples"] += [eot_samples] * n
+    cols["stochastic"] += [stochastic] * n
+    cols["zero_grad"] += zero_grad.tolist()
+    cols["prob_like"] += prob_like.tolist()
