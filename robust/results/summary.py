@@ -293,4 +293,6 @@ def print_rich_table(header: List[str], rows: List[List[str]], title: str) -> No
         table.add_column(h, justify="left" if left else "right")
     for r in rows:
         table.add_row(*r)
-    Console(width=max(160, 12 * len(header))).print(table)
+    # wide enough that no cell wraps: tables are read, and copied into papers
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    Console(width=max(100, sum(widths) + 3 * len(widths) + 1)).print(table)
