@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
@@ -83,8 +84,11 @@ def test_default_command_runs_end_to_end(tmp_path):
     assert len(trials) == 4 and {t["status"] for t in trials} == {"completed"}
     assert len({t["config_id"] for t in trials}) == 4  # distinct configurations drawn
     attack = ds.dataset(root / "data" / "attack", format="parquet", partitioning="hive").to_table()
-    assert set(attack["attack"].to_pylist()) == {"clean", "fgsm", "pgd-20"}
-    assert attack.num_rows == 4 * 3 * 360  # every test example of every trial under every attack
+    assert set(attack["attack"].to_pylist()) == {"clean", "fgsm", "pgd-20", "sanity-large-eps"}
+    evaluated = attack.filter(pc.invert(pc.equal(attack["attack"], "sanity-large-eps")))
+    assert evaluated.num_rows == 4 * 3 * 360  # every test example of every trial under every attack
+    checks = ds.dataset(root / "data" / "checks", format="parquet", partitioning="hive").to_table()
+    assert len(set(checks["trial"].to_pylist())) == 4  # sanity flags stored for every trial
     train = ds.dataset(root / "data" / "train", format="parquet", partitioning="hive").to_table()
     assert sorted(set(train["epoch"].to_pylist())) == [1, 2, 3, 4]
     assert "Accuracy [%] on the test split" in proc.stdout and "pgd-20" in proc.stdout
@@ -93,5 +97,6 @@ def test_default_command_runs_end_to_end(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert summary.returncode == 0, summary.stderr
     lines = summary.stdout.strip().splitlines()
-    assert lines[0].startswith("experiment,defense,config,seeds,clean,fgsm,pgd-20")
-    assert len(lines) == 5  # one row per configuration
+    assert lines[1].startswith("experiment,defense,config,seeds,clean,fgsm,pgd-20,worst-case")
+    assert all(line.startswith("e2e,constant,") for line in lines[2:6])  # one row per configuration
+    assert "95% Clopper-Pearson" in summary.stdout and "McNemar" in summary.stdout
