@@ -10,7 +10,7 @@ every evaluated model are computed from its rows and stored beside them.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa

@@ -22,18 +22,11 @@ import json
 import sys
 from typing import Any, Dict, List, Optional
 
-
-class UsageError(ValueError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from cluster.cli import OneLineParser, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate.py", description="Evaluate trained models under attacks.")
+    p = OneLineParser(prog="evaluate.py", description="Evaluate trained models under attacks.")
     p.add_argument("experiment", help="experiment folder or s3://bucket/prefix/<experiment>")
     p.add_argument("--trial", action="append", default=[], help="evaluate only this trial (repeatable)")
     p.add_argument("--attacks", default="fgsm,pgd-20", help="comma-separated attack names")

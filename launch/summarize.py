@@ -11,16 +11,12 @@ its baselines.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import List, Optional
 
+from cluster.cli import OneLineParser
+
 FORMATS = ("table", "markdown", "csv")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _emit(fmt: str, title: str, header: List[str], rows: List[List[str]]) -> None:
@@ -37,7 +33,7 @@ def _emit(fmt: str, title: str, header: List[str], rows: List[List[str]]) -> Non
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = _Parser(prog="summarize.py", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="summarize.py", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", help="experiment folders or s3:// prefixes")
     parser.add_argument("--format", default="table", choices=FORMATS)
     parser.add_argument("--endpoint", default=None, help="S3-compatible endpoint URL")

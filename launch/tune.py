@@ -17,18 +17,11 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-
-class UsageError(ValueError):
-    """Bad input: printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from cluster.cli import OneLineParser, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tune.py", description="Search, train and evaluate a randomized defense.")
+    p = OneLineParser(prog="tune.py", description="Search, train and evaluate a randomized defense.")
     p.add_argument("--defense", required=True, help="defense to train (e.g. constant, standard, pgd-at)")
     p.add_argument("--preset", default="smoke", help="smoke (default, embedded digits) or paper")
     p.add_argument("--dataset", help="override the preset's dataset")

@@ -1,7 +1,6 @@
 """Evaluation sharded over Ray actors, and launch/evaluate.py as a user runs it."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import torch
+from launch_probe import probe
 
 from cluster.evaluation import EvalSettings, ModelSource, evaluate_job, finalize_checks, plan_jobs, run_pool
 from cluster.records import STATE_FILE
@@ -78,22 +78,6 @@ FACTORY = textwrap.dedent("""
         return create_model("lenet", num_classes=10, in_channels=1, image_size=8)
 """)
 
-PROBE = r"""
-import contextlib, io, json, sys
-sys.path.insert(0, "launch")
-import evaluate
-out = {}
-for name, argv in json.loads(sys.argv[1]).items():
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            evaluate.main(argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out[name] = {"code": code, "stderr": err.getvalue(), "ray": "ray" in sys.modules}
-print(json.dumps(out))
-"""
 
 
 @pytest.fixture
@@ -117,10 +101,7 @@ def test_evaluate_refuses_bad_input_with_exit_2(external):
                                   "cannot load the model of external-"),
         "not an experiment": ([str(tmp_path / "none")], "no experiment at"),
     }
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps({k: v[0] for k, v in cases.items()})],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = probe("evaluate", {k: v[0] for k, v in cases.items()}, env=env)
     for name, (_, message) in cases.items():
         r = results[name]
         lines = r["stderr"].strip().splitlines()

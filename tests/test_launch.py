@@ -12,6 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
+from launch_probe import probe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BAD_INPUTS = {
@@ -27,22 +29,6 @@ BAD_INPUTS = {
     "storage below a file": (["--defense", "constant", "--storage", "{tmp}/afile/results"], "is a file"),
 }
 
-PROBE = r"""
-import contextlib, io, json, sys
-sys.path.insert(0, "launch")
-import tune
-out = {}
-for name, argv in json.loads(sys.argv[1]).items():
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            tune.main(argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    out[name] = {"code": code, "stderr": err.getvalue(), "ray": "ray" in sys.modules}
-print(json.dumps(out))
-"""
 
 
 def _tree(path: Path):
@@ -55,10 +41,7 @@ def test_bad_input_exits_2_with_one_line_before_importing_ray(tmp_path):
     cases = {name: [a.replace("{tmp}", str(tmp_path)) for a in argv] + (
         [] if "--storage" in argv else ["--storage", str(tmp_path / "results")])
         for name, (argv, _) in BAD_INPUTS.items()}
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cases)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = probe("tune", cases)
     for name, (_, message) in BAD_INPUTS.items():
         r = results[name]
         assert r["code"] == 2, (name, r)

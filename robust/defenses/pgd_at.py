@@ -10,7 +10,6 @@ attack's passes); the training pass then runs in train mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch.nn.functional as F
 
