@@ -6,7 +6,9 @@ The loop never asks which defense it runs.  It asks the defense to
   * ``loss``: supply the training loss of a batch (plain, adversarial, stability...);
   * ``param_groups``: split the parameters into groups with their own optimiser
     settings, updated in the listed order (alternating updates);
-  * ``on_epoch_start`` / ``on_epoch_end``: react at epoch boundaries (schedules).
+  * ``on_epoch_start`` / ``on_epoch_end``: react at epoch boundaries (schedules);
+  * ``validation_metrics``: add the selection metrics the defense is judged by
+    (e.g. certified accuracy for additive-noise defenses), on the validation split.
 Every hook has the behaviour of plain training by default.
 """
 from __future__ import annotations
@@ -81,3 +83,8 @@ class Defense:
     def on_epoch_end(self, epoch: int, metrics: Dict[str, float]) -> Optional[Dict[str, float]]:
         """Return extra metrics to log for this epoch (e.g. learned noise scales)."""
         return None
+
+    def validation_metrics(self, module: nn.Module, split: ImageSplit, device: torch.device,
+                           seed: int) -> Dict[str, float]:
+        """Extra selection metrics on the validation split (computed on every rank)."""
+        return {}

@@ -185,6 +185,8 @@ def fit(model: nn.Module, defense: Defense, splits: DatasetSplits, cfg: TrainCon
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     val_attack = PGD(eps=splits.eps, steps=cfg.val_attack_steps, random_start=True, seed=seed)
     last_val_pgd = history[-1]["val_pgd_acc"] if history else float("nan")
+    last_extra: Dict[str, float] = {k: v for k, v in (history[-1] if history else {}).items()
+                                     if k.startswith("val_") and k not in ("val_acc", "val_pgd_acc")}
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
@@ -198,7 +200,9 @@ def fit(model: nn.Module, defense: Defense, splits: DatasetSplits, cfg: TrainCon
         metrics["val_acc"] = evaluate_accuracy(module, splits.val, device, cfg.eval_batch_size)
         if epoch % cfg.val_attack_every == 0 or epoch == cfg.epochs:
             last_val_pgd = evaluate_accuracy(module, splits.val, device, cfg.eval_batch_size, val_attack)
+            last_extra = defense.validation_metrics(module, splits.val, device, seed)
         metrics["val_pgd_acc"] = last_val_pgd
+        metrics.update(last_extra)
         metrics.update(defense.on_epoch_end(epoch, metrics) or {})
         metrics["epoch_seconds"] = time.perf_counter() - started
         history.append(metrics)
