@@ -15,7 +15,7 @@ DEFENSES = Registry("defense")
 
 def _load() -> None:
     # Importing the modules fills the registry (a dict entry each, no work).
-    from robust.defenses import constant, pgd_at, standard  # noqa: F401
+    from robust.defenses import constant, pgd_at, standard, stn, trades  # noqa: F401
 
 
 def create_defense(name: str, **config: Any):
