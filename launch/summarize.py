@@ -38,12 +38,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--format", default="table", choices=FORMATS)
     parser.add_argument("--endpoint", default=None, help="S3-compatible endpoint URL")
     parser.add_argument("--plot", metavar="PNG", help="write robust accuracy versus eps curves to this file")
+    parser.add_argument("--plot-certified", metavar="PNG", help="write certified accuracy versus radius here")
     args = parser.parse_args(argv)
 
     from cluster.storage import Storage
     from robust.results import summary
 
-    summaries, curves, names = [], [], {}
+    summaries, curves, certified, names = [], [], [], {}
     for path in args.paths:
         storage = Storage(path.rstrip("/"), args.endpoint)
         if storage.is_local and storage.filesystem.get_file_info(storage.root).type.name != "Directory":
@@ -57,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for t in s.trials:
                 names[t.trial] = f"{experiment}/{s.defense} {s.description} seed {t.seed}"
         curves.extend(summary.curve_points(storage.filesystem, storage.root))
+        certified.extend(summary.certified_curves(storage.filesystem, storage.root))
     if not summaries:
         return 1
     _emit(args.format, "Accuracy [%] on the test split (mean ± std over seeds; best seed chosen on "
@@ -73,6 +75,15 @@ def main(argv: Optional[List[str]] = None) -> int:
               [[names.get(p["trial"], p["trial"]), p["attack"], f"{p['eps']:.4g}",
                 f"{100 * p['accuracy']:.2f}", str(p["n"])] for p in sorted(
                   curves, key=lambda p: (p["trial"], p["attack"], p["eps"]))])
+    if certified:
+        _emit(args.format, "Certified accuracy [%] at radius (not abstained, correct, radius >= r)",
+              *summary.certified_rows(certified, names))
+    if args.plot_certified:
+        if not certified:
+            print("no certification results to plot (run launch/certify.py)", file=sys.stderr)
+            return 1
+        summary.plot_certified(certified, args.plot_certified, names)
+        print(f"wrote {args.plot_certified}")
     if args.plot:
         if not curves:
             print("no eps-curve results to plot (evaluate with --eps-curve)", file=sys.stderr)

@@ -71,6 +71,7 @@ CHECK_SCHEMA = pa.schema([
 ])
 
 PARTITIONS = {
+    "certify": pa.schema([("defense", pa.string()), ("trial", pa.string()), ("sigma", pa.string())]),
     "checks": pa.schema([("defense", pa.string()), ("trial", pa.string())]),
     "attack": pa.schema([("defense", pa.string()), ("trial", pa.string()), ("attack", pa.string())]),
     "train": pa.schema([("defense", pa.string()), ("trial", pa.string())]),
@@ -84,6 +85,11 @@ def join(*parts: str) -> str:
 
 def attack_path(root: str, defense: str, trial: str, attack: str, shard: int) -> str:
     return join(root, "data", "attack", f"defense={defense}", f"trial={trial}", f"attack={attack}",
+                f"part-{shard:05d}.parquet")
+
+
+def certify_path(root: str, defense: str, trial: str, sigma: float, shard: int) -> str:
+    return join(root, "data", "certify", f"defense={defense}", f"trial={trial}", f"sigma={sigma:g}",
                 f"part-{shard:05d}.parquet")
 
 

@@ -296,3 +296,63 @@ def print_rich_table(header: List[str], rows: List[List[str]], title: str) -> No
     # wide enough that no cell wraps: tables are read, and copied into papers
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     Console(width=max(100, sum(widths) + 3 * len(widths) + 1)).print(table)
+
+
+CERTIFY_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # Cohen et al. Table 1 radii (plus 0)
+
+
+def certified_curves(fs: pafs.FileSystem, root: str, radii: Sequence[float] = CERTIFY_RADII) -> List[dict]:
+    """Certified accuracy at each radius per (trial, sigma, bound): correct, not
+    abstained, and the bound's radius >= r (STN Figure 1, Cohen et al. Table 1)."""
+    table = read_kind(fs, root, "certify")
+    if table.num_rows == 0:
+        return []
+    out = []
+    bounds = [c[len("radius_"):] for c in table.column_names if c.startswith("radius_")]
+    data = table.to_pydict()
+    groups: Dict[Tuple[str, str], List[int]] = {}
+    for i, key in enumerate(zip(data["trial"], data["sigma"])):
+        groups.setdefault(key, []).append(i)
+    for (trial, sigma), idx in sorted(groups.items()):
+        for bound in bounds:
+            radius = [data[f"radius_{bound}"][i] for i in idx]
+            if any(r is None for r in radius):
+                continue
+            ok = [data["correct"][i] and not data["abstain"][i] for i in idx]
+            out.append({"trial": trial, "sigma": float(sigma), "bound": bound, "n_images": len(idx),
+                        "abstain": sum(data["abstain"][i] for i in idx) / len(idx),
+                        "samples": sum(data["samples_used"][i] for i in idx) / len(idx),
+                        "accuracy": [sum(o and r >= t for o, r in zip(ok, radius)) / len(idx) for t in radii]})
+    return out
+
+
+def certified_rows(curves: Sequence[dict], names: Dict[str, str], radii: Sequence[float] = CERTIFY_RADII
+                   ) -> Tuple[List[str], List[List[str]]]:
+    header = ["model", "sigma", "bound", "images", "abstain [%]", "samples/image"] + \
+        [f"r={r:g}" for r in radii]
+    rows = [[names.get(c["trial"], c["trial"]), f"{c['sigma']:g}", c["bound"], str(c["n_images"]),
+             f"{100 * c['abstain']:.1f}", f"{c['samples']:.0f}"] + [f"{100 * a:.1f}" for a in c["accuracy"]]
+            for c in curves]
+    return header, rows
+
+
+def plot_certified(curves: Sequence[dict], path: str, names: Dict[str, str],
+                   radii: Sequence[float] = CERTIFY_RADII) -> None:
+    """Certified accuracy versus radius as a PNG, one line per (model, sigma, bound)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in curves:
+        ax.plot(list(radii), [100 * a for a in c["accuracy"]], marker="o",
+                label=f"{names.get(c['trial'], c['trial'])} sigma={c['sigma']:g} ({c['bound']})")
+    ax.set_xlabel("radius")
+    ax.set_ylabel("certified accuracy [%]")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
