@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from cluster.evaluation import ModelSource, load_model
+from cluster.evaluation import ModelSource, cpu_slots, load_model
 from cluster.storage import Storage
 from robust.certify import ABSTAIN, BOUNDS, Certificate, Smooth, certify_from_counts
 from robust.device import default_device
@@ -165,7 +165,7 @@ def run_certification(sources: Sequence[ModelSource], settings: CertifySettings,
     by_trial = {s.trial: s for s in sources}
     Worker = ray.remote(CertifyWorker).options(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2,
                                                max_task_retries=2)
-    pool = ActorPool([Worker.remote(storage, settings) for _ in range(max(1, min(actors, len(jobs))))])
+    pool = ActorPool([Worker.remote(storage, settings) for _ in range(max(1, min(actors, len(jobs), cpu_slots())))])
     parts: Dict[Tuple[str, int], Dict[int, np.ndarray]] = {}
     seconds: Dict[Tuple[str, int], float] = {}
     certs: Dict[Tuple[str, int], Certificate] = {}

@@ -136,6 +136,14 @@ def plan_jobs(sources: Sequence[ModelSource], settings: EvalSettings, storage: S
     return jobs
 
 
+def cpu_slots() -> int:
+    """Actors of one CPU each that the cluster can place at once: more would never
+    start, and a pool waiting on them would hang."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def run_pool(jobs: Sequence[ShardJob], sources: Sequence[ModelSource], settings: EvalSettings,
              storage: Storage, root: str, actors: int, gpus_per_actor: float = 0.0) -> int:
     """Run the jobs on ``actors`` Ray actors with a progress bar; returns examples evaluated."""
@@ -148,7 +156,7 @@ def run_pool(jobs: Sequence[ShardJob], sources: Sequence[ModelSource], settings:
     by_trial = {s.trial: s for s in sources}
     Worker = ray.remote(EvalWorker).options(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2,
                                             max_task_retries=2)
-    pool = ActorPool([Worker.remote(storage, root, settings) for _ in range(max(1, min(actors, len(jobs))))])
+    pool = ActorPool([Worker.remote(storage, root, settings) for _ in range(max(1, min(actors, len(jobs), cpu_slots())))])
     total, done = sum(j.stop - j.start for j in jobs), 0
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn()) as progress:
