@@ -250,3 +250,18 @@ def test_confidence_intervals_and_mcnemar():
     b, c, p = mcnemar([True] * 10 + [False] * 10, [False] * 10 + [False] * 10)
     assert (b, c) == (10, 0) and p == pytest.approx(2 * 0.5 ** 10)
     assert mcnemar([True, False], [True, False])[2] == 1.0
+
+
+def test_smoothed_pgd_attacks_the_noisy_classifier_through_the_registry(trained_digits_model, digits):
+    x, y, _ = digits.test.batch(torch.arange(64))
+    spec, = parse_attack("smoothed-pgd-5:sigma=0.25,eot_samples=8")
+    x_adv = spec.build(digits.eps, seed=0)(trained_digits_model, x, y)
+    assert (x_adv - x).abs().max().item() <= digits.eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+    torch.manual_seed(0)
+    noisy = NoisyInput(trained_digits_model, sigma=0.25)
+    with torch.no_grad():
+        clean_acc = (noisy(x).argmax(1) == y).float().mean()
+        adv_acc = (noisy(x_adv).argmax(1) == y).float().mean()
+    assert adv_acc < clean_acc
+    with pytest.raises(ValueError, match="sigma"):
+        parse_attacks(["smoothed-pgd-5"], digits.eps)  # the attacker must be told sigma

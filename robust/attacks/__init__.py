@@ -14,7 +14,7 @@ ATTACKS = Registry("attack")
 
 def _load() -> None:
     # Importing the modules fills the registry (a dict entry each, no work).
-    from robust.attacks import apgd, fgsm, pgd  # noqa: F401
+    from robust.attacks import apgd, fgsm, pgd, smoothed_pgd  # noqa: F401
 
 
 def create_attack(name: str, **kwargs: Any):

@@ -7,6 +7,8 @@
     apgd-ce, apgd-dlr         APGD (Croce & Hein 2020), 100 iterations
     apgd-rand                 AutoAttack's protocol for randomized defenses: APGD-CE then
                               APGD-DLR, 100 iterations, 20 EOT samples, 1 restart
+    smoothed-pgd[-N]:sigma=S  PGD-N (default 20) on the model under the certification noise,
+                              gradient averaged over n0 = 100 noise draws (STN section 6.2)
 
 Any name takes overrides after a colon: ``pgd-20:eot_samples=80,restarts=5``.
 A name may expand to several attacks (``apgd-rand``).  Unknown names and
@@ -26,7 +28,8 @@ RAND_EOT_SAMPLES = 20
 #: The default L2 budget: 0.5, the usual CIFAR-10 L2 threat model (Croce & Hein 2020).
 DEFAULT_L2_EPS = 0.5
 
-SUITE_NAMES = ("fgsm", "pgd-N", "pgd-l2-N", "eot-pgd[-N]", "apgd-ce", "apgd-dlr", "apgd-rand")
+SUITE_NAMES = ("fgsm", "pgd-N", "pgd-l2-N", "eot-pgd[-N]", "apgd-ce", "apgd-dlr", "apgd-rand",
+               "smoothed-pgd[-N]:sigma=S")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ _PATTERNS: List[tuple[str, Callable[..., List[AttackSpec]]]] = [
     (r"eot-pgd(?:-(-?\d+))?", lambda n=None: [AttackSpec(
         f"eot-pgd-{_steps(n or 20)}", "pgd",
         {"steps": _steps(n or 20), "step_fraction": 0.25, "eot_samples": RAND_EOT_SAMPLES})]),
+    (r"smoothed-pgd(?:-(-?\d+))?", lambda n=None: [AttackSpec(
+        f"smoothed-pgd-{_steps(n or 20)}", "smoothed-pgd", {"steps": _steps(n or 20), "step_fraction": 0.25})]),
     (r"apgd-ce", lambda: [AttackSpec("apgd-ce", "apgd-ce", {"steps": 100})]),
     (r"apgd-dlr", lambda: [AttackSpec("apgd-dlr", "apgd-dlr", {"steps": 100})]),
     (r"apgd-rand", lambda: [
