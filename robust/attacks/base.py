@@ -166,6 +166,9 @@ class GradientAttack(Attack):
         """
         x = x.detach().requires_grad_(True)
         n = x.shape[0]
+        if self.eot_samples == 1:  # the plain gradient, without the accumulation
+            losses = loss_fn(model(x), y).float()
+            return torch.autograd.grad(losses.sum(), x)[0], losses.detach()
         copies_per_pass = self._copies_per_pass(n, x.device)
         grad = torch.zeros_like(x)
         loss_sum = torch.zeros(n, device=x.device, dtype=torch.float32)

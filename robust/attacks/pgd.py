@@ -48,17 +48,20 @@ class PGD(GradientAttack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        best = x.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(self.restarts):
+        if self.restarts == 1:  # nothing to choose between: no extra forward pass
+            return self._run(model, x, y, generator)
+        best = self._run(model, x, y, generator)
+        with torch.no_grad():
+            fooled = model(best).argmax(1) != y
+        for _ in range(self.restarts - 1):
+            if bool(fooled.all()):
+                break
             x_adv = self._run(model, x, y, generator)
             with torch.no_grad():
                 now_fooled = model(x_adv).argmax(1) != y
-            take = now_fooled & ~fooled if self.restarts > 1 else torch.ones_like(fooled)
+            take = now_fooled & ~fooled  # an example keeps the first restart that fools it
             best[take] = x_adv[take]
             fooled |= now_fooled
-            if bool(fooled.all()):
-                break
         return best
 
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
