@@ -103,7 +103,8 @@ def configs(quick: bool, models: Sequence[str] = tuple(MODELS)) -> List[Config]:
         eot_batches += [(b, 5, 1.5) for b in ((1, 8) if quick else (1, 2, 4, 8))]
         for chunk in (None, TUNED_EOT_CHUNK[model]):
             for b, steps, target in eot_batches:
-                if chunk is not None and (quick or copies_per_pass(b, chunk) == copies_per_pass(b, None)):
+                same_as_default = copies_per_pass(b, chunk) == copies_per_pass(b, None)
+                if chunk is not None and (quick or same_as_default):
                     continue
                 out.append(Config(model, b, EOT_SAMPLES, steps, target, chunk))
     return out
