@@ -98,16 +98,19 @@ def _param_space(plan: ExperimentPlan) -> Tuple[Dict[str, Any], int]:
     return {"seed": seeds, "defense_config": dict(plan.search)}, plan.samples
 
 
-def _init_ray(plan: ExperimentPlan) -> None:
+def init_ray(address: Optional[str] = None) -> None:
+    """Join the cluster at ``address``, or start a private local instance (never a stale one).
+
+    Locally, trial drivers get a custom resource so that they never compete
+    with training workers for CPUs.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    if plan.address:
-        ray.init(address=plan.address)
+    if address:
+        ray.init(address=address)
     else:
-        # A private local instance: never joins a stale cluster.  Trial drivers
-        # take the custom resource, so they never compete with workers for CPUs.
         ray.init(address="local", resources={DRIVER_RESOURCE: 1000}, include_dashboard=False,
                  log_to_driver=True)
 
@@ -163,7 +166,7 @@ def run_experiment(plan: ExperimentPlan) -> str:
     root = storage.experiment(plan.name)
     storage.filesystem.create_dir(root, recursive=True)
     write_manifest(storage, root, asdict(plan))
-    _init_ray(plan)
+    init_ray(plan.address)
     res = plan_resources(ray.cluster_resources(), plan.workers)
     configs = draw_configurations(plan.search, plan.samples)
     n_configs = len(configs) if configs is not None else plan.samples

@@ -104,12 +104,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import dataclasses
 
-    import ray
+    import ray  # cluster_resources after init_ray
 
     from cluster.certification import run_certification
-    from cluster.experiment import evaluation_actors
+    from cluster.experiment import evaluation_actors, init_ray
 
-    ray.init(address=args.address) if args.address else ray.init(address="local", include_dashboard=False)
+    init_ray(args.address)
     actors, gpus = evaluation_actors(ray.cluster_resources())
     storage = r["storage"]
     for settings, sources in r["plans"]:
@@ -119,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"certified {done} image(s) x model(s) at sigma {settings.sigma} ({settings.noise})")
     import summarize
 
-    return summarize.main([args.experiment] + (["--endpoint", args.endpoint] if args.endpoint else []))
+    return summarize.show(args.experiment, args.endpoint)
 
 
 if __name__ == "__main__":

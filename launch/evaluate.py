@@ -138,9 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (UsageError, ValueError) as err:
         parser.error(str(err))
 
-    import ray
-
-    from cluster.experiment import evaluate_sources
+    from cluster.experiment import evaluate_sources, init_ray
     from cluster.records import write_trial_row
     from robust.spec import TrialSpec
 
@@ -148,15 +146,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if source.factory:  # an external model gets a trials row, so the summary lists it
             write_trial_row(r["storage"], r["root"], source.trial, TrialSpec.from_dict(source.spec),
                             "completed", checkpoint=source.weights)
-    if args.address:
-        ray.init(address=args.address)
-    else:
-        ray.init(address="local", include_dashboard=False)
+    init_ray(args.address)
     done = evaluate_sources(r["sources"], r["settings"], r["storage"], r["root"], actors=args.actors)
     print(f"evaluated {done} example(s) x model(s); results in {r['storage'].display(r['root'])}")
     import summarize
 
-    return summarize.main([args.experiment] + (["--endpoint", args.endpoint] if args.endpoint else []))
+    return summarize.show(args.experiment, args.endpoint)
 
 
 if __name__ == "__main__":

@@ -93,5 +93,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def show(experiment: str, endpoint: Optional[str] = None) -> int:
+    """Print the summary of one experiment (what the other launch scripts end with)."""
+    return main([experiment] + (["--endpoint", endpoint] if endpoint else []))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -179,7 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import summarize
 
     print(f"\nresults: {root}\n")
-    return summarize.main([root] + (["--endpoint", plan.endpoint] if plan.endpoint else []))
+    return summarize.show(root, plan.endpoint)
 
 
 if __name__ == "__main__":

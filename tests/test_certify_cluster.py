@@ -1,9 +1,7 @@
 """Certification over Ray actors, and launch/certify.py's refusals."""
 from __future__ import annotations
 
-import json
 
-import pyarrow as pa
 import pytest
 import torch
 

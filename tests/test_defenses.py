@@ -6,16 +6,18 @@ import math
 
 import pytest
 import torch
+from helpers import quick_config, small_model
 from torch.utils.data import DistributedSampler
 
 from robust.data import create_dataset
 from robust.defenses import create_defense, defense_names
 from robust.defenses.constant import PerturbedSplit, perturbation
-from robust.models import create_model
 from robust.registry import UnknownNameError
-from robust.train import NonFiniteLoss, TrainConfig, fit
+from robust.train import NonFiniteLoss, fit
 
 CPU = torch.device("cpu")
+_model = small_model
+_cfg = quick_config
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +25,6 @@ def synthetic():
     return create_dataset("synthetic")
 
 
-def _model(splits, seed=0):
-    torch.manual_seed(seed)
-    return create_model("small-cnn", num_classes=splits.num_classes, in_channels=splits.in_channels,
-                        image_size=splits.image_size, mean=splits.mean, std=splits.std)
-
-
-def _cfg(**kw):
-    base = dict(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0,
-                schedule="constant", val_attack_steps=3)
-    return TrainConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("name", defense_names())

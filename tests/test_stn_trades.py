@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import quick_config, small_model
 import torch.nn.functional as F
 from torch import nn
 
@@ -14,12 +15,15 @@ from robust.defenses import create_defense
 from robust.defenses.base import TrainStep
 from robust.defenses.stn import sample_noise, stability_loss
 from robust.defenses.trades import STEP_FRACTION, kl_divergence
-from robust.models import create_model
 from robust.presets import get_preset
-from robust.train import TrainConfig, fit
+from robust.train import fit
 from tuning import search_module
 
 CPU = torch.device("cpu")
+_model = small_model
+
+def _cfg(**kw):
+    return quick_config(**{"val_attack_steps": 2, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +31,6 @@ def synthetic():
     return create_dataset("synthetic")
 
 
-def _model(splits, seed=0):
-    torch.manual_seed(seed)
-    return create_model("small-cnn", num_classes=splits.num_classes, in_channels=splits.in_channels,
-                        image_size=splits.image_size, mean=splits.mean, std=splits.std)
-
-
-def _cfg(**kw):
-    base = dict(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0,
-                schedule="constant", val_attack_steps=2)
-    return TrainConfig(**{**base, **kw})
 
 
 def _step(model, splits, seed=0, n=32):

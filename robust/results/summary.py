@@ -246,18 +246,26 @@ def curve_points(fs: pafs.FileSystem, root: str) -> List[dict]:
 
 def plot_curves(points: Sequence[dict], path: str, names: Dict[str, str]) -> None:
     """Robust accuracy versus eps as a PNG (like constant perturbations Fig. 1)."""
+    lines = []
+    for (trial, attack) in sorted({(p["trial"], p["attack"]) for p in points}):
+        pts = sorted((p["eps"], p["accuracy"]) for p in points if p["trial"] == trial and p["attack"] == attack)
+        lines.append(([e for e, _ in pts], [100 * a for _, a in pts], f"{names.get(trial, trial)} ({attack})"))
+    save_line_plot(lines, "eps", "robust accuracy [%]", path)
+
+
+def save_line_plot(lines: Sequence[Tuple[Sequence[float], Sequence[float], str]], xlabel: str, ylabel: str,
+                   path: str) -> None:
+    """A PNG of accuracy-style curves (y in percent, 0 to 100), one (xs, ys, label) per line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (trial, attack) in sorted({(p["trial"], p["attack"]) for p in points}):
-        pts = sorted((p["eps"], p["accuracy"]) for p in points if p["trial"] == trial and p["attack"] == attack)
-        ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o",
-                label=f"{names.get(trial, trial)} ({attack})")
-    ax.set_xlabel("eps")
-    ax.set_ylabel("robust accuracy [%]")
+    for xs, ys, label in lines:
+        ax.plot(list(xs), list(ys), marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -339,20 +347,6 @@ def certified_rows(curves: Sequence[dict], names: Dict[str, str], radii: Sequenc
 def plot_certified(curves: Sequence[dict], path: str, names: Dict[str, str],
                    radii: Sequence[float] = CERTIFY_RADII) -> None:
     """Certified accuracy versus radius as a PNG, one line per (model, sigma, bound)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for c in curves:
-        ax.plot(list(radii), [100 * a for a in c["accuracy"]], marker="o",
-                label=f"{names.get(c['trial'], c['trial'])} sigma={c['sigma']:g} ({c['bound']})")
-    ax.set_xlabel("radius")
-    ax.set_ylabel("certified accuracy [%]")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_line_plot([(radii, [100 * a for a in c["accuracy"]],
+                     f"{names.get(c['trial'], c['trial'])} sigma={c['sigma']:g} ({c['bound']})") for c in curves],
+                   "radius", "certified accuracy [%]", path)
