@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from cluster.records import load_state
+from cluster.records import load_state, node_name
 from cluster.storage import Storage
 from robust.data.base import DatasetSplits
 from robust.device import default_device, prepare_module
@@ -93,7 +93,7 @@ def evaluate_job(job: ShardJob, source: ModelSource, settings: EvalSettings, sto
     for label, cols in columns.items():
         n = len(cols["example"])
         table = pa.table({**cols, "config_id": [spec.config_id()] * n, "seed": [spec.seed] * n,
-                          "shard": [job.shard] * n}, schema=ATTACK_SCHEMA)
+                          "shard": [job.shard] * n, "node": [node_name()] * n}, schema=ATTACK_SCHEMA)
         write_table(storage.filesystem, attack_path(root, spec.defense, job.trial, label, job.shard), table,
                     file_metadata({**spec.to_dict(), "evaluation": settings.__dict__}))
     return job.stop - job.start

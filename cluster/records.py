@@ -19,6 +19,21 @@ from robust.results.schema import TRIAL_SCHEMA, file_metadata, train_path, trial
 from robust.spec import TrialSpec
 
 
+def node_name() -> str:
+    """The Ray node id of this process when it runs inside Ray, else the host name.
+
+    Ray is imported only when a driver or worker already imported it, so the
+    launch scripts and plain tests stay Ray-free.
+    """
+    import socket
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    return socket.gethostname()
+
+
 def write_trial_row(storage: Storage, root: str, trial: str, spec: TrialSpec, status: str, *,
                     reason: str = "", node: str = "", history: Optional[List[Dict[str, Any]]] = None,
                     checkpoint: str = "") -> None:

@@ -39,7 +39,7 @@ def _write_trial(fs, root, trial, spec, val_pgd, accuracy, n=50):
                               "correct": correct, "vote_prediction": [0] * m, "vote_correct": correct,
                               "attacked": [True] * m, "robust": correct, "eps": [0.1] * m,
                               "eot_samples": [1] * m, "stochastic": [False] * m, "zero_grad": [False] * m,
-                              "prob_like": [False] * m, "config_id": [spec.config_id()] * m,
+                              "prob_like": [False] * m, "distance": [0.0] * m, "node": ["n0"] * m, "config_id": [spec.config_id()] * m,
                               "seed": [spec.seed] * m, "shard": [shard] * m}, schema=ATTACK_SCHEMA)
             write_table(fs, attack_path(root, "constant", trial, attack, shard), table,
                         file_metadata(spec.to_dict()))

@@ -6,7 +6,12 @@ The loop never asks which defense it runs.  It asks the defense to
   * ``loss``: supply the training loss of a batch (plain, adversarial, stability...);
   * ``param_groups``: split the parameters into groups with their own optimiser
     settings, updated in the listed order (alternating updates);
+  * ``after_step``: act right after each optimiser step, gradients still in place
+    (projections, clamping, update rules that are not gradient descent);
   * ``on_epoch_start`` / ``on_epoch_end``: react at epoch boundaries (schedules);
+  * ``state_dict`` / ``load_state_dict``: the defense's own training state
+    (counters, schedule positions), saved in every checkpoint so a resumed
+    trial continues exactly;
   * ``validation_metrics``: add the selection metrics the defense is judged by
     (e.g. certified accuracy for additive-noise defenses), on the validation split.
 Every hook has the behaviour of plain training by default.
@@ -75,6 +80,17 @@ class Defense:
     def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
         """Optimizer parameter groups; the default is one group of all parameters."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def after_step(self, module: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called after every optimiser step (``step`` counts steps from 1 over the whole
+        run, across epochs and resumes); parameter gradients are still populated."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The defense's mutable training state (not parameters: those live in the model)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
     def on_epoch_start(self, epoch: int, dataset: Dataset) -> None:
         if hasattr(dataset, "set_epoch"):

@@ -39,7 +39,7 @@ CLEAN = "clean"
 LARGE_EPS_LABEL = "sanity-large-eps"
 PROTOCOLS = ("independent", "cascade")
 COLUMNS = ("example", "label", "prediction", "correct", "vote_prediction", "vote_correct",
-           "attacked", "robust", "eps", "eot_samples", "stochastic", "zero_grad", "prob_like")
+           "attacked", "robust", "eps", "eot_samples", "stochastic", "zero_grad", "prob_like", "distance")
 
 
 def shard_positions(n: int, shard_size: int) -> List[range]:
@@ -70,6 +70,20 @@ def attack_for_model(spec: AttackSpec, stochastic: bool) -> AttackSpec:
     if stochastic and spec.gradient_based and "eot_samples" not in spec.params:
         return spec.with_params(eot_samples=RAND_EOT_SAMPLES)
     return spec
+
+
+def perturbation_norm(delta: Tensor, norm: str) -> Tensor:
+    """Per-example size of ``delta`` in ``norm`` ('linf', 'l2', 'l1' or 'l0': pixels changed)."""
+    flat = delta.detach().flatten(1).double()
+    if norm == "linf":
+        return flat.abs().amax(1)
+    if norm == "l2":
+        return flat.norm(dim=1)
+    if norm == "l1":
+        return flat.abs().sum(1)
+    if norm == "l0":  # pixels (all channels of one location) that changed
+        return (delta.detach().abs().amax(1).flatten(1) > 0).sum(1).double()
+    raise ValueError(f"unknown norm {norm!r}; valid choices: linf, l2, l1, l0")
 
 
 def _input_diagnostics(model: nn.Module, x: Tensor, y: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,22 +127,24 @@ def evaluate_shard(module: nn.Module, split: ImageSplit, positions: Sequence[int
         robust = single == y
         worst_pred = single.clone()
         _append(out[CLEAN], index, y, single, vote, torch.ones_like(robust), robust, 0.0, 0,
-                stochastic, zero_grad, prob_like)
+                stochastic, zero_grad, prob_like, torch.zeros(len(y)))
         for i, spec in enumerate(attacks):
             spec = attack_for_model(spec, stochastic)
             attacked = robust.clone() if protocol == "cascade" else torch.ones_like(robust)
             pred, vote = worst_pred.clone(), worst_pred.clone()
+            distance = torch.full((len(y),), float("nan"), dtype=torch.float64, device=y.device)
             if bool(attacked.any()):
                 attack = spec.build(eps_data, derive_seed(batch_seed, i))
                 x_adv = attack(module, x[attacked], y[attacked])
                 p_single, p_vote, _ = predict(module, x_adv, votes, stochastic)
                 pred[attacked], vote[attacked] = p_single, p_vote
+                distance[attacked] = perturbation_norm(x_adv - x[attacked], spec.norm)
             correct = pred == y
             robust = robust & correct
             worst_pred = torch.where(correct, worst_pred, pred)
             _append(out[attacks[i].label], index, y, pred, vote,
                     attacked, robust, spec.eps(eps_data), int(spec.params.get("eot_samples", 1)),
-                    stochastic, zero_grad, prob_like)
+                    stochastic, zero_grad, prob_like, distance)
         if large_eps_examples > 0:
             k = min(large_eps_examples, len(y))
             spec = attack_for_model(AttackSpec(LARGE_EPS_LABEL, "pgd", {"eps": LARGE_EPS, "steps": 20,
@@ -138,7 +154,7 @@ def evaluate_shard(module: nn.Module, split: ImageSplit, positions: Sequence[int
             ones = torch.ones(k, dtype=torch.bool, device=y.device)
             _append(out[LARGE_EPS_LABEL], index[:k], y[:k], p_single, p_vote, ones, p_single == y[:k],
                     LARGE_EPS, int(spec.params.get("eot_samples", 1)), stochastic, zero_grad[:k],
-                    prob_like[:k])
+                    prob_like[:k], perturbation_norm(x_adv - x[:k], spec.norm))
         if progress is not None:
             progress(len(y))
     return out
@@ -146,7 +162,7 @@ def evaluate_shard(module: nn.Module, split: ImageSplit, positions: Sequence[int
 
 def _append(cols: Dict[str, list], index: Tensor, y: Tensor, pred: Tensor, vote: Tensor, attacked: Tensor,
             robust: Tensor, eps: float, eot_samples: int, stochastic: bool, zero_grad: Tensor,
-            prob_like: Tensor) -> None:
+            prob_like: Tensor, distance: Tensor) -> None:
     n = len(y)
     cols["example"] += index.tolist()
     cols["label"] += y.tolist()
@@ -161,3 +177,4 @@ def _append(cols: Dict[str, list], index: Tensor, y: Tensor, pred: Tensor, vote:
     cols["stochastic"] += [stochastic] * n
     cols["zero_grad"] += zero_grad.tolist()
     cols["prob_like"] += prob_like.tolist()
+    cols["distance"] += distance.double().tolist()

@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 ATTACK_SCHEMA = pa.schema([
     ("example", pa.int64()),      # stable index of the example in its source split
@@ -42,9 +42,11 @@ ATTACK_SCHEMA = pa.schema([
     ("stochastic", pa.bool_()),   # repeated forward passes of the model differ
     ("zero_grad", pa.bool_()),    # the clean input's loss gradient is exactly zero
     ("prob_like", pa.bool_()),    # the clean outputs are in [0,1] and sum to 1
+    ("distance", pa.float64()),   # ||x_adv - x|| in the attack's norm (0 for clean rows)
     ("config_id", pa.string()),
     ("seed", pa.int64()),
     ("shard", pa.int64()),
+    ("node", pa.string()),        # the Ray node (or host) that computed the row
 ])
 
 TRIAL_SCHEMA = pa.schema([

@@ -44,6 +44,8 @@ class TrainState:
     optimizer: Dict[str, Any]
     scheduler: Dict[str, Any]
     history: List[Dict[str, Any]] = field(default_factory=list)
+    defense: Dict[str, Any] = field(default_factory=dict)  # Defense.state_dict()
+    step: int = 0  # optimiser steps taken so far
 
 
 def cpu_copy(obj: Any) -> Any:
@@ -124,7 +126,8 @@ def evaluate_accuracy(module: nn.Module, split: ImageSplit, device: torch.device
 
 def _train_epoch(model: nn.Module, module: nn.Module, defense: Defense, dataset: Dataset,
                  sampler: DistributedSampler, optimizer: torch.optim.Optimizer, splits: DatasetSplits,
-                 cfg: TrainConfig, device: torch.device, seed: int, epoch: int) -> Dict[str, float]:
+                 cfg: TrainConfig, device: torch.device, seed: int, epoch: int,
+                 counter: List[int]) -> Dict[str, float]:
     world, rank = _world()
     model.train()
     aug_gen = torch.Generator().manual_seed(derive_seed(seed, epoch, rank, 1))
@@ -143,6 +146,8 @@ def _train_epoch(model: nn.Module, module: nn.Module, defense: Defense, dataset:
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
+        counter[0] += 1
+        defense.after_step(module, optimizer, counter[0])
         n = y.shape[0]
         loss_sum += float(out.loss.detach()) * n
         correct += float((out.logits.detach().argmax(1) == y).sum())
@@ -168,12 +173,15 @@ def fit(model: nn.Module, defense: Defense, splits: DatasetSplits, cfg: TrainCon
     scheduler = build_scheduler(optimizer, cfg)
     history: List[Dict[str, Any]] = []
     start_epoch = 1
+    counter = [0]  # optimiser steps over the whole run
     if resume is not None:
         module.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
         history = list(resume.history)
         start_epoch = resume.epoch + 1
+        defense.load_state_dict(resume.defense)
+        counter[0] = resume.step
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -195,7 +203,7 @@ def fit(model: nn.Module, defense: Defense, splits: DatasetSplits, cfg: TrainCon
         lr = optimizer.param_groups[0]["lr"]
         metrics: Dict[str, Any] = {"epoch": epoch, "lr": lr}
         metrics.update(_train_epoch(model_for_step, module, defense, dataset, sampler, optimizer,
-                                    splits, cfg, device, seed, epoch))
+                                    splits, cfg, device, seed, epoch, counter))
         scheduler.step()
         metrics["val_acc"] = evaluate_accuracy(module, splits.val, device, cfg.eval_batch_size)
         if epoch % cfg.val_attack_every == 0 or epoch == cfg.epochs:
@@ -212,6 +220,7 @@ def fit(model: nn.Module, defense: Defense, splits: DatasetSplits, cfg: TrainCon
             def state_fn(epoch: int = epoch) -> Dict[str, Any]:
                 return vars(TrainState(epoch, cpu_copy(module.state_dict()),
                                        cpu_copy(optimizer.state_dict()),
-                                       cpu_copy(scheduler.state_dict()), cpu_copy(history)))
+                                       cpu_copy(scheduler.state_dict()), cpu_copy(history),
+                                       cpu_copy(defense.state_dict()), counter[0]))
             on_epoch_end(dict(metrics), state_fn)
     return module, history
