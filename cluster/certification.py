@@ -140,8 +140,9 @@ def run_certification(sources: Sequence[ModelSource], settings: CertifySettings,
                       actors: int, gpus_per_actor: float = 0.0) -> int:
     """Certify every model of ``sources`` on the chosen test examples; returns images certified."""
     import ray
-    from ray.util import ActorPool
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from cluster.pool import run_jobs
 
     fs = storage.filesystem
     pending_shards: Dict[Tuple[str, int], List[int]] = {}
@@ -163,9 +164,8 @@ def run_certification(sources: Sequence[ModelSource], settings: CertifySettings,
     if not jobs:
         return 0
     by_trial = {s.trial: s for s in sources}
-    Worker = ray.remote(CertifyWorker).options(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2,
-                                               max_task_retries=2)
-    pool = ActorPool([Worker.remote(storage, settings) for _ in range(max(1, min(actors, len(jobs), cpu_slots())))])
+    Worker = ray.remote(CertifyWorker).options(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=0,
+                                               max_task_retries=0)
     parts: Dict[Tuple[str, int], Dict[int, np.ndarray]] = {}
     seconds: Dict[Tuple[str, int], float] = {}
     certs: Dict[Tuple[str, int], Certificate] = {}
@@ -178,7 +178,10 @@ def run_certification(sources: Sequence[ModelSource], settings: CertifySettings,
                   TimeElapsedColumn()) as progress:
         bar = progress.add_task(f"certifying (sigma {settings.sigma}, n {settings.n})",
                                 total=len(expected))
-        for job, result, spent in pool.map_unordered(lambda a, j: a.run.remote(j, by_trial[j.trial]), jobs):
+        for job, (_, result, spent) in run_jobs(
+                lambda: Worker.remote(storage, settings), jobs, lambda a, j: a.run.remote(j, by_trial[j.trial]),
+                min(actors, cpu_slots()), storage, root,
+                describe=lambda j: f"certification trial={j.trial} example={j.position} chunk={j.first_chunk}"):
             key = (job.trial, job.position)
             seconds[key] = seconds.get(key, 0.0) + spent
             if job.certify:

@@ -146,22 +146,27 @@ def cpu_slots() -> int:
 
 def run_pool(jobs: Sequence[ShardJob], sources: Sequence[ModelSource], settings: EvalSettings,
              storage: Storage, root: str, actors: int, gpus_per_actor: float = 0.0) -> int:
-    """Run the jobs on ``actors`` Ray actors with a progress bar; returns examples evaluated."""
+    """Run the jobs on ``actors`` Ray actors with a progress bar; returns examples evaluated.
+
+    A job whose actor dies is retried on a fresh actor and recorded (:mod:`cluster.pool`).
+    """
     import ray
-    from ray.util import ActorPool
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from cluster.pool import run_jobs
 
     if not jobs:
         return 0
     by_trial = {s.trial: s for s in sources}
-    Worker = ray.remote(EvalWorker).options(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=2,
-                                            max_task_retries=2)
-    pool = ActorPool([Worker.remote(storage, root, settings) for _ in range(max(1, min(actors, len(jobs), cpu_slots())))])
+    Worker = ray.remote(EvalWorker).options(num_cpus=1, num_gpus=gpus_per_actor, max_restarts=0,
+                                            max_task_retries=0)
     total, done = sum(j.stop - j.start for j in jobs), 0
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn()) as progress:
         bar = progress.add_task(f"evaluating {len(settings.attacks)} attack(s) on test examples", total=total)
-        for n in pool.map_unordered(lambda a, job: a.run.remote(job, by_trial[job.trial]), jobs):
+        for _, n in run_jobs(lambda: Worker.remote(storage, root, settings), jobs,
+                             lambda a, job: a.run.remote(job, by_trial[job.trial]), min(actors, cpu_slots()),
+                             storage, root, describe=lambda j: f"evaluation trial={j.trial} shard={j.shard}"):
             done += n
             progress.update(bar, advance=n)
     return done

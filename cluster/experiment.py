@@ -39,7 +39,11 @@ class ExperimentPlan:
     storage: str
     endpoint: Optional[str] = None
     address: Optional[str] = None
-    max_failures: int = 1
+    worker_failures: int = 1          # Train: a lost worker/node restarts from the latest checkpoint
+    trial_failures: int = 1           # Tune: a lost trial driver is restarted
+    scheduler: str = "fifo"           # fifo | asha (early stopping on the validation metric)
+    grace_period: int = 1             # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 3         # ASHA: keep the top 1/factor at each rung
     eval_shard_size: int = 128
     eval_batch_size: int = 128
     metric: str = "val_pgd_acc"
@@ -125,7 +129,7 @@ def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources
     run = {"storage": plan.storage, "endpoint": plan.endpoint, "root": root,
            "train_storage_path": f"{root}/tune/train", "workers": res.workers,
            "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
-           "max_failures": plan.max_failures}
+           "worker_failures": plan.worker_failures}
     driver = {DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0.01}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=plan.base_spec, run=run), driver)
     fs = None if storage.is_local else storage.filesystem
@@ -144,11 +148,50 @@ def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources
                 # concurrency limit lives on the generator (Tune ignores
                 # max_concurrent_trials when a generator is passed).
                 search_alg=BasicVariantGenerator(constant_grid_search=True, random_state=0,
-                                                 max_concurrent=res.concurrency)),
+                                                 max_concurrent=res.concurrency),
+                scheduler=make_scheduler(plan)),
             run_config=tune.RunConfig(name="tune", storage_path=root, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=plan.max_failures)),
+                                      failure_config=tune.FailureConfig(max_failures=plan.trial_failures)),
         )
-    tuner.fit()
+    grid = tuner.fit()
+    mark_stopped(storage, root, grid)
+
+
+SCHEDULERS = ("fifo", "asha")
+
+
+def make_scheduler(plan: ExperimentPlan):
+    """FIFO (every trial runs all epochs) or ASHA (Li et al. 2020) on the defense's
+    validation metric, one rung unit per epoch."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if plan.scheduler == "fifo":
+        return FIFOScheduler()
+    epochs = int(plan.base_spec["train"]["epochs"])
+    return ASHAScheduler(metric=plan.metric, mode=plan.mode, time_attr="training_iteration", max_t=epochs,
+                         grace_period=min(plan.grace_period, epochs), reduction_factor=plan.reduction_factor)
+
+
+def mark_stopped(storage: Storage, root: str, grid) -> None:
+    """Trials that a scheduler stopped early still say 'running' in our table: record
+    them as 'stopped' with their last checkpoint (they are not evaluated)."""
+    from cluster.records import load_state, write_trial_row
+    from robust.spec import TrialSpec
+
+    trials = read_kind(storage.filesystem, root, "trials")
+    if trials.num_rows == 0:
+        return
+    running = {r["trial"]: r for r in trials.to_pylist() if r["status"] == "running"}
+    for result in grid:
+        trial = (result.metrics or {}).get("trial_id")
+        if trial not in running or result.error is not None:
+            continue
+        row = running[trial]
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
+        history = load_state(storage, checkpoint)["history"] if checkpoint else []
+        write_trial_row(storage, root, trial, TrialSpec.from_dict(json.loads(row["config"])), "stopped",
+                        reason="stopped early by the scheduler", node=(result.metrics or {}).get("node", ""),
+                        history=history, checkpoint=checkpoint)
 
 
 def completed_trials(storage: Storage, root: str) -> List[Dict[str, Any]]:

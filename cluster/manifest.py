@@ -53,6 +53,27 @@ def describe_domain(value: Any) -> Any:
     return str(value)
 
 
+#: the plan fields that define an experiment: a resume must match them; resources
+#: (workers, address, failures, scheduler) may change between runs
+IDENTITY = ("defense", "preset", "base_spec", "search", "samples", "seeds", "metric", "mode")
+
+
+def plan_identity(plan: Any) -> Dict[str, Any]:
+    """The identity fields of a plan (an ExperimentPlan or its manifest dict), in JSON form."""
+    data = plan if isinstance(plan, dict) else vars(plan)
+    return {k: json.loads(json.dumps(data.get(k), sort_keys=True, default=describe_domain)) for k in IDENTITY}
+
+
+def read_manifest(storage: Storage, root: str) -> Dict[str, Any] | None:
+    """The experiment's manifest, or None when there is no experiment at ``root``."""
+    fs = storage.filesystem
+    path = f"{root}/manifest.json"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
 def write_manifest(storage: Storage, root: str, plan: Dict[str, Any]) -> None:
     """Write ``<root>/manifest.json``; on a resumed run the first manifest is kept and
     the new run is appended to its ``runs`` list."""

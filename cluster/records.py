@@ -51,8 +51,14 @@ def write_trial_row(storage: Storage, root: str, trial: str, spec: TrialSpec, st
 
 
 def write_epoch_rows(storage: Storage, root: str, trial: str, spec: TrialSpec,
-                     history: List[Dict[str, Any]]) -> None:
-    """The whole per-epoch history so far (rewritten each epoch; one deterministic file)."""
+                     history: List[Dict[str, Any]], node: str = "") -> None:
+    """The whole per-epoch history so far (rewritten each epoch; one deterministic file).
+
+    ``node`` is recorded on rows that do not carry one yet: epochs trained before a
+    restart keep the node that trained them.
+    """
+    for h in history:
+        h.setdefault("node", node)
     rows = [{**h, "config_id": spec.config_id(), "seed": spec.seed} for h in history]
     table = pa.Table.from_pylist(rows)
     write_table(storage.filesystem, train_path(root, spec.defense, trial), table,

@@ -10,11 +10,26 @@ recorded.  This module imports no Ray.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+
+S3_URI = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[^\s]*)?")
+
+
+class StorageError(ValueError):
+    """Storage that is malformed, unreachable or missing; the message is one line."""
+
+
+def check_s3_uri(uri: str) -> None:
+    """Raise StorageError unless ``uri`` is ``s3://bucket[/prefix]`` with a valid bucket name."""
+    if not S3_URI.fullmatch(uri) or "//" in uri[5:] or ".." in uri:
+        raise StorageError(f"invalid S3 storage {uri!r}; expected s3://bucket/prefix with a bucket name "
+                           f"of 3-63 lowercase letters, digits, '.' or '-'")
 
 
 @dataclass(frozen=True)
@@ -37,18 +52,57 @@ class Storage:
         return f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
 
     @property
+    def bucket(self) -> str:
+        return urlparse(self.uri).netloc
+
+    @property
+    def endpoint_url(self) -> Optional[str]:
+        return self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    @property
     def filesystem(self) -> pafs.FileSystem:
+        return self.make_filesystem()
+
+    def make_filesystem(self, attempts: int = 5, timeout_s: Optional[float] = None) -> pafs.FileSystem:
+        """The filesystem; for S3, ``attempts`` tries per request with AWS's standard
+        backoff, and connect/request timeouts of ``timeout_s`` when given."""
         if self.is_local:
             return pafs.LocalFileSystem()
-        endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {}
+        endpoint = self.endpoint_url
+        kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
+        if timeout_s is not None:
+            kwargs.update(connect_timeout=timeout_s, request_timeout=timeout_s)
         if endpoint:
             parsed = urlparse(endpoint)
-            kwargs = {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
+            kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["region"] = region
         return pafs.S3FileSystem(**kwargs)
+
+    def check(self) -> None:
+        """Raise StorageError (one line) unless the storage can be used: a local path
+        that is or can become a writable directory, or an S3 URI whose endpoint answers
+        and whose bucket exists.  Writes nothing."""
+        if self.is_local:
+            try:
+                check_local_creatable(self.uri)
+            except ValueError as err:
+                raise StorageError(str(err)) from None
+            return
+        check_s3_uri(self.uri)
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        try:
+            info = self.make_filesystem(attempts=2, timeout_s=5).get_file_info(self.bucket)
+        except OSError as err:
+            reason = " ".join(str(err).split())[:200]
+            raise StorageError(f"S3 storage {self.uri} is not reachable{where}: {reason}") from None
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"S3 bucket {self.bucket!r} does not exist{where}; create it first "
+                               f"(e.g. aws s3 mb s3://{self.bucket})")
+
+    def exists(self, path: str) -> bool:
+        return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
     def experiment(self, name: str) -> str:
         return f"{self.root}/{name}"

@@ -12,7 +12,6 @@ checkpoint of the same (storage, name).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from typing import Any, Dict
@@ -24,7 +23,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from cluster.records import STATE_FILE, load_state, write_epoch_rows, write_trial_row
+from cluster.records import STATE_FILE, load_state, node_name, write_epoch_rows, write_trial_row
 from cluster.storage import Storage
 from robust.spec import TrialSpec, build_trial
 from robust.train import NonFiniteLoss, TrainState, fit
@@ -49,13 +48,15 @@ def train_worker(config: Dict[str, Any]) -> None:
             resume = TrainState(**torch.load(os.path.join(d, STATE_FILE), map_location="cpu",
                                              weights_only=False))
 
+    node = node_name()
+
     def on_epoch_end(metrics: Dict[str, Any], state_fn) -> None:
-        metrics = {**metrics, STATUS_KEY: "running"}
+        metrics = {**metrics, STATUS_KEY: "running", "node": node}
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
         state = state_fn()
-        write_epoch_rows(storage, root, trial, spec, state["history"])
+        write_epoch_rows(storage, root, trial, spec, state["history"], node=node)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, os.path.join(d, STATE_FILE))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
@@ -66,7 +67,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     except NonFiniteLoss as err:
         # Reported, not raised: a NaN is a result of this configuration, and
         # retrying it from the last checkpoint would only reproduce it.
-        ray.train.report({STATUS_KEY: "nan", "reason": str(err)}, checkpoint=None)
+        ray.train.report({STATUS_KEY: "nan", "reason": str(err), "node": node}, checkpoint=None)
 
 
 def run_trial(config: Dict[str, Any], base: Dict[str, Any], run: Dict[str, Any]) -> None:
@@ -77,7 +78,7 @@ def run_trial(config: Dict[str, Any], base: Dict[str, Any], run: Dict[str, Any])
     spec = TrialSpec.from_dict(spec_dict)
     trial = tune.get_context().get_trial_id()
     storage = Storage(run["storage"], run.get("endpoint"))
-    root, node = run["root"], socket.gethostname()
+    root, node = run["root"], node_name()
     write_trial_row(storage, root, trial, spec, "running", node=node)
 
     use_gpu = run["gpus_per_worker"] > 0
@@ -96,7 +97,8 @@ def run_trial(config: Dict[str, Any], base: Dict[str, Any], run: Dict[str, Any])
             storage_path=run["train_storage_path"],
             storage_filesystem=None if storage.is_local else storage.filesystem,
             callbacks=[TuneReportCallback()],
-            failure_config=FailureConfig(max_failures=run["max_failures"]),
+            # a lost worker or node: restart the worker group from the latest checkpoint
+            failure_config=FailureConfig(max_failures=run["worker_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -108,6 +110,7 @@ def run_trial(config: Dict[str, Any], base: Dict[str, Any], run: Dict[str, Any])
         traceback.print_exc()
         raise
     metrics = result.metrics or {}
+    node = metrics.get("node", node)  # where rank 0 trained, not where this driver runs
     checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
     history = load_state(storage, checkpoint)["history"] if checkpoint else []
     if metrics.get(STATUS_KEY) == "nan":

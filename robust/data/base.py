@@ -159,6 +159,10 @@ class DatasetSpec:
     std: Tuple[float, ...]
     eps: float
     augment: Optional[str]
+    #: sizes of the official train and test splits (before the validation carve-out),
+    #: known without loading, for cost estimates; 0 where unknown
+    train_size: int = 0
+    test_size: int = 0
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTS:
@@ -220,6 +224,8 @@ def register_dataset(
     std: Sequence[float],
     eps: float,
     augment: Optional[str],
+    train_size: int = 0,
+    test_size: int = 0,
 ) -> Callable[[Callable[[Path, bool, bool], SourceData]], DatasetSpec]:
     """Decorator: register ``load(data_dir, download, verify_checksums) -> SourceData`` as dataset ``name``."""
 
@@ -234,6 +240,8 @@ def register_dataset(
             std=tuple(float(s) for s in std),
             eps=float(eps),
             augment=augment,
+            train_size=int(train_size),
+            test_size=int(test_size),
         )
         return DATASETS.register(name)(spec)
 

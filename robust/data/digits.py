@@ -30,7 +30,7 @@ TEST_SPLIT_SEED = 0
 
 @register_dataset(
     "digits", num_classes=10, in_channels=1, image_size=8,
-    mean=(0.3054,), std=(0.3761,), eps=0.1, augment=None,
+    mean=(0.3054,), std=(0.3761,), eps=0.1, augment=None, train_size=1437, test_size=360,
 )
 def digits(data_dir: Path, download: bool, verify_checksums: bool) -> SourceData:
     """Load sklearn's digits; data_dir, download and verify_checksums do not apply (the data is in the package)."""

@@ -107,6 +107,7 @@ def _grey_to_source(train: Any, test: Any) -> SourceData:
 @register_dataset(
     "cifar10", num_classes=10, in_channels=3, image_size=32,
     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), eps=8 / 255, augment="crop-flip",
+    train_size=50000, test_size=10000,
 )
 def cifar10(data_dir: Path, download: bool, verify_checksums: bool) -> SourceData:
     from torchvision.datasets import CIFAR10
@@ -118,6 +119,7 @@ def cifar10(data_dir: Path, download: bool, verify_checksums: bool) -> SourceDat
 @register_dataset(
     "cifar100", num_classes=100, in_channels=3, image_size=32,
     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), eps=8 / 255, augment="crop-flip",
+    train_size=50000, test_size=10000,
 )
 def cifar100(data_dir: Path, download: bool, verify_checksums: bool) -> SourceData:
     from torchvision.datasets import CIFAR100
@@ -129,6 +131,7 @@ def cifar100(data_dir: Path, download: bool, verify_checksums: bool) -> SourceDa
 @register_dataset(
     "svhn", num_classes=10, in_channels=3, image_size=32,
     mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), eps=8 / 255, augment="crop",
+    train_size=73257, test_size=26032,
 )
 def svhn(data_dir: Path, download: bool, verify_checksums: bool) -> SourceData:
     from torchvision.datasets import SVHN
@@ -144,6 +147,7 @@ def svhn(data_dir: Path, download: bool, verify_checksums: bool) -> SourceData:
 @register_dataset(
     "mnist", num_classes=10, in_channels=1, image_size=28,
     mean=(0.1307,), std=(0.3081,), eps=0.3, augment=None,
+    train_size=60000, test_size=10000,
 )
 def mnist(data_dir: Path, download: bool, verify_checksums: bool) -> SourceData:
     from torchvision.datasets import MNIST
@@ -155,6 +159,7 @@ def mnist(data_dir: Path, download: bool, verify_checksums: bool) -> SourceData:
 @register_dataset(
     "fashion-mnist", num_classes=10, in_channels=1, image_size=28,
     mean=(0.2860,), std=(0.3530,), eps=0.1, augment=None,
+    train_size=60000, test_size=10000,
 )
 def fashion_mnist(data_dir: Path, download: bool, verify_checksums: bool) -> SourceData:
     from torchvision.datasets import FashionMNIST

@@ -67,6 +67,16 @@ class Defense:
         """The resolved configuration, for manifests and result metadata."""
         return {"defense": self.name, **asdict(self.config)}
 
+    def train_passes(self) -> float:
+        """Forward+backward passes per training example and step, relative to plain
+        training (1.0); used only for cost estimates (``launch/tune.py --dry-run``)."""
+        return 1.0
+
+    def check_train_config(self, train: Any) -> None:
+        """Raise ValueError when the defense's settings cannot work with the run's
+        :class:`robust.train.config.TrainConfig` (e.g. a warm-up not shorter than the run);
+        called by the training loop before anything else and by ``launch/tune.py``."""
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
 

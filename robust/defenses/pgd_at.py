@@ -45,6 +45,9 @@ class PGDAdversarialTraining(Defense):
         super().__init__(PGDATConfig(**config))
         self._batches = 0
 
+    def train_passes(self) -> float:
+        return 1.0 + self.config.steps  # one forward+backward per PGD step, then the training pass
+
     def loss(self, step: TrainStep) -> BatchLoss:
         cfg = self.config
         # A fresh random start per batch, reproducible from (epoch, batch counter).

@@ -124,6 +124,9 @@ class StabilityTrainingWithNoise(Defense):
         # the scale of the certified L2 (or L1) radius, not of the L-inf budget.
         super().__init__(STNConfig(**config))
 
+    def train_passes(self) -> float:
+        return 2.0 if self.config.gamma > 0 else 1.0  # the clean and the noisy pass
+
     def loss(self, step: TrainStep) -> BatchLoss:
         cfg = self.config
         logits = step.model(step.x)

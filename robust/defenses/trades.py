@@ -121,6 +121,9 @@ class Trades(Defense):
         cfg = self.config
         return TradesAdversary(cfg.eps, cfg.step_size, int(cfg.steps), generator)
 
+    def train_passes(self) -> float:
+        return 2.0 + self.config.steps  # the KL ascent steps, then the clean and adversarial passes
+
     def loss(self, step: TrainStep) -> BatchLoss:
         x_adv = self.adversary(step.generator)(step.module, step.x, step.y)
         logits = step.model(step.x)

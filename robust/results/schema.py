@@ -54,7 +54,7 @@ TRIAL_SCHEMA = pa.schema([
     ("config_id", pa.string()),
     ("seed", pa.int64()),
     ("defense", pa.string()),
-    ("status", pa.string()),      # running | completed | nan | error
+    ("status", pa.string()),      # running | completed | stopped (ASHA) | nan | error
     ("reason", pa.string()),
     ("node", pa.string()),
     ("config", pa.string()),      # the resolved TrialSpec as JSON
@@ -72,7 +72,17 @@ CHECK_SCHEMA = pa.schema([
     ("detail", pa.string()),
 ])
 
+EVENT_SCHEMA = pa.schema([
+    ("event", pa.string()),       # retry: a job re-run after its actor died
+    ("subject", pa.string()),     # which job (trial, shard, ...)
+    ("attempt", pa.int64()),
+    ("detail", pa.string()),
+    ("node", pa.string()),
+    ("time", pa.float64()),
+])
+
 PARTITIONS = {
+    "events": pa.schema([]),
     "certify": pa.schema([("defense", pa.string()), ("trial", pa.string()), ("sigma", pa.string())]),
     "checks": pa.schema([("defense", pa.string()), ("trial", pa.string())]),
     "attack": pa.schema([("defense", pa.string()), ("trial", pa.string()), ("attack", pa.string())]),
@@ -101,6 +111,10 @@ def checks_path(root: str, defense: str, trial: str) -> str:
 
 def train_path(root: str, defense: str, trial: str) -> str:
     return join(root, "data", "train", f"defense={defense}", f"trial={trial}", "part-0.parquet")
+
+
+def event_path(root: str, name: str) -> str:
+    return join(root, "data", "events", f"part-{name}.parquet")
 
 
 def trial_path(root: str, trial: str) -> str:

@@ -167,6 +167,7 @@ def fit(model: nn.Module, defense: Defense, splits: DatasetSplits, cfg: TrainCon
     model, optimiser, schedule and history: no epoch is lost or repeated.
     Raises :class:`NonFiniteLoss` when the loss becomes NaN or infinite.
     """
+    defense.check_train_config(cfg)
     world, rank = _world()
     module = prepare_module(defense.prepare_model(model), device)
     optimizer = build_optimizer(defense.param_groups(module), cfg)
