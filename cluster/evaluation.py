@@ -24,7 +24,7 @@ from robust.data.base import DatasetSplits
 from robust.device import default_device, prepare_module
 from robust.evaluation import checks
 from robust.evaluation.protocol import CLEAN, LARGE_EPS_LABEL, evaluate_shard, shard_positions
-from robust.evaluation.suite import parse_attacks
+from robust.evaluation.suite import parse_attacks, spec_of_label
 from robust.results.schema import (ATTACK_SCHEMA, CHECK_SCHEMA, attack_path, checks_path,
                                    file_metadata, read_kind, write_table)
 from robust.spec import TrialSpec, build_defense, build_model, load_splits
@@ -190,6 +190,34 @@ def finalize_checks(storage: Storage, root: str, sources: Sequence[ModelSource])
     return out
 
 
+def _accuracy_on(rows: pa.Table, label: str, examples: Optional[set] = None) -> Tuple[float, set]:
+    part = rows.filter(pc.equal(rows["attack"], label)).select(["example", "correct"]).to_pydict()
+    outcome = {e: c for e, c in zip(part["example"], part["correct"]) if examples is None or e in examples}
+    return (sum(outcome.values()) / len(outcome) if outcome else float("nan")), set(outcome)
+
+
+def black_box_pairs(rows: pa.Table, black: Dict[str, Any], white: Dict[str, Any]
+                    ) -> Dict[str, Tuple[float, str, float]]:
+    """Each black-box attack against the strongest white-box attack whose threat model contains
+    its own, both accuracies on the examples both attacked (an attack may have its own cap)."""
+    out = {}
+    for label, spec in black.items():
+        eps = float(rows.filter(pc.equal(rows["attack"], label))["eps"][0].as_py())
+        covering = [w for w, s in white.items() if checks.white_box_covers(
+            (spec.norm, eps), (s.norm, float(rows.filter(pc.equal(rows["attack"], w))["eps"][0].as_py())))]
+        if not covering:
+            continue
+        _, examples = _accuracy_on(rows, label)
+        for w in covering:
+            examples &= _accuracy_on(rows, w)[1]
+        if not examples:
+            continue
+        white_acc = {w: _accuracy_on(rows, w, examples)[0] for w in covering}
+        strongest = min(white_acc, key=white_acc.get)
+        out[label] = (_accuracy_on(rows, label, examples)[0], strongest, white_acc[strongest])
+    return out
+
+
 def flag_inputs(rows: pa.Table) -> Dict[str, Any]:
     """Aggregate one model's rows into the arguments of :func:`checks.trial_flags`."""
     acc = rows.group_by("attack").aggregate([("correct", "mean")])
@@ -198,9 +226,14 @@ def flag_inputs(rows: pa.Table) -> Dict[str, Any]:
     large = accuracy.pop(LARGE_EPS_LABEL, None)
     clean = rows.filter(pc.equal(rows["attack"], CLEAN))
     attacked = rows.filter(pc.and_(pc.equal(rows["stochastic"], True), pc.equal(rows["eot_samples"], 1)))
-    non_eot = sorted(set(attacked["attack"].to_pylist()) - {CLEAN})
+    specs = {a: spec_of_label(a) for a in accuracy}
+    black = sorted(a for a, s in specs.items() if s is not None and not s.gradient_based)
+    non_eot = sorted(set(attacked["attack"].to_pylist()) - {CLEAN} - set(black))
     return {
-        "accuracy": accuracy,
+        # black-box attacks may be weaker than FGSM by design: they enter only their own flag
+        "accuracy": {a: v for a, v in accuracy.items() if a not in black},
+        "black_box": black_box_pairs(rows, {a: specs[a] for a in black},
+                                     {a: s for a, s in specs.items() if s is not None and s.gradient_based}),
         "zero_grad_fraction": pc.mean(clean["zero_grad"].cast(pa.float64())).as_py() or 0.0,
         "prob_like_fraction": pc.mean(clean["prob_like"].cast(pa.float64())).as_py() or 0.0,
         "large_eps_success_rate": None if large is None else 1.0 - large,

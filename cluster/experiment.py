@@ -44,6 +44,7 @@ class ExperimentPlan:
     scheduler: str = "fifo"           # fifo | asha (early stopping on the validation metric)
     grace_period: int = 1             # ASHA: epochs every trial runs before it can be stopped
     reduction_factor: int = 3         # ASHA: keep the top 1/factor at each rung
+    max_concurrent: Optional[int] = None  # cap on trials at a time (default: what the cluster fits)
     eval_shard_size: int = 128
     eval_batch_size: int = 128
     metric: str = "val_pgd_acc"
@@ -211,6 +212,8 @@ def run_experiment(plan: ExperimentPlan) -> str:
     write_manifest(storage, root, asdict(plan))
     init_ray(plan.address)
     res = plan_resources(ray.cluster_resources(), plan.workers)
+    if plan.max_concurrent:
+        res.concurrency = min(res.concurrency, plan.max_concurrent)
     configs = draw_configurations(plan.search, plan.samples)
     n_configs = len(configs) if configs is not None else plan.samples
     if configs is not None and n_configs < plan.samples:

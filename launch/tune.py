@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--worker-failures", type=int, default=1, help="restarts of a trial's worker group "
                    "(lost worker or node) from its latest checkpoint")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at a time (default: "
+                   "as many as the cluster's CPUs/GPUs fit)")
     p.add_argument("--trial-failures", type=int, default=1, help="restarts of a lost trial driver")
     p.add_argument("--gpu-tflops", type=float, default=None, help="sustained TFLOP/s per GPU for the "
                    "--dry-run estimate (default 40)")
@@ -98,7 +100,8 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
             raise UnknownNameError(f"unknown dataset {dataset!r}; valid choices: {', '.join(dataset_names())}")
         model = args.model or preset.model
         check_model_name(model)
-        for flag in ("samples", "seeds", "epochs", "workers", "max_test_examples", "grace_period"):
+        for flag in ("samples", "seeds", "epochs", "workers", "max_test_examples", "grace_period",
+                     "max_concurrent"):
             _positive("--" + flag.replace("_", "-"), getattr(args, flag))
         for flag in ("worker_failures", "trial_failures"):
             if getattr(args, flag) < 0:
@@ -162,12 +165,15 @@ def build_plan(args: argparse.Namespace, r: Dict[str, Any]):
         "train": r["train"], "attacks": list(preset.attacks),
         "max_test_examples": args.max_test_examples or preset.max_test_examples,
     }
+    if args.scheduler == "asha" and not space:
+        raise UsageError("--scheduler asha needs a search: this preset runs a single configuration "
+                         "(pass --samples N to search the full space)")
     return ExperimentPlan(
         name=r["name"], defense=args.defense, preset=args.preset, base_spec=base, search=space,
         samples=samples, seeds=args.seeds or preset.seeds, workers=args.workers or preset.workers_per_trial,
         storage=args.storage, endpoint=args.endpoint, address=args.address,
         worker_failures=args.worker_failures, trial_failures=args.trial_failures,
-        scheduler=args.scheduler, grace_period=args.grace_period,
+        scheduler=args.scheduler, grace_period=args.grace_period, max_concurrent=args.max_concurrent,
         metric=module.METRIC, mode=module.MODE, command=shlex.join(["launch/tune.py"] + sys.argv[1:]),
     )
 
