@@ -8,6 +8,7 @@ checkpoints, and only missing evaluation shards are computed.
 from __future__ import annotations
 
 import itertools
+import os
 import json
 import math
 import random
@@ -116,8 +117,11 @@ def init_ray(address: Optional[str] = None) -> None:
     if address:
         ray.init(address=address)
     else:
+        # Our data never travels through the object store (workers load datasets, checkpoints
+        # go to storage), so a small explicit store leaves the memory to training.
+        store_mb = int(os.environ.get("ROBUST_OBJECT_STORE_MB", "512"))
         ray.init(address="local", resources={DRIVER_RESOURCE: 1000}, include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=True, object_store_memory=store_mb * 1024 * 1024)
 
 
 def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources) -> None:

@@ -258,6 +258,19 @@ def test_a_killed_evaluation_actor_is_retried_recorded_and_leaves_one_row_per_ex
 
 # ---------------------------------------------------------------- the whole path on S3, killed and resumed
 
+@pytest.fixture
+def short_tmp():
+    """A short private directory for Ray's sockets and logs, removed afterwards."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    yield path
+    for pid in _leftovers(path):
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _rows(storage, root, kind):
     return read_kind(storage.filesystem, root, kind).to_pylist()
 
@@ -276,12 +289,12 @@ def _leftovers(marker: str):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_search_on_s3_survives_a_killed_driver_and_keeps_secrets_out(tmp_path):
+def test_search_on_s3_survives_a_killed_driver_and_keeps_secrets_out(tmp_path, short_tmp):
     with s3_server() as s3:
         s3.client().create_bucket(Bucket="results")
-        ray_tmp = tmp_path / "rt"
-        ray_tmp.mkdir()
-        env = {**os.environ, **s3.env, "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
+        ray_tmp = Path(short_tmp)  # AF_UNIX socket paths must stay under 107 bytes
+        env = {**os.environ, **s3.env, "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1",
+               "ROBUST_OBJECT_STORE_MB": "150"}
         storage = Storage("s3://results/runs", s3.endpoint)
         root = storage.experiment("scen")
         cmd = [sys.executable, "launch/tune.py", "--defense", "standard", "--seeds", "2", "--epochs", "6",
@@ -341,7 +354,7 @@ def test_search_on_s3_survives_a_killed_driver_and_keeps_secrets_out(tmp_path):
         keys = list(zip(attack["trial"].to_pylist(), attack["attack"].to_pylist(), attack["example"].to_pylist()))
         assert len(keys) == len(set(keys)) and attack.num_rows > 0
         assert all(attack["node"].to_pylist())
-        objects = s3.objects("results", "runs/scen/data/attack/")
+        objects = [o for o in s3.objects("results", "runs/scen/data/attack/") if o["Key"].endswith(".parquet")]
         assert len(objects) == 2 * 4  # 2 trials x (clean, fgsm, pgd-20, sanity-large-eps) x 1 shard
 
         summary = subprocess.run([sys.executable, "launch/summarize.py", "s3://results/runs/scen"], cwd=ROOT,
@@ -364,3 +377,33 @@ def test_search_on_s3_survives_a_killed_driver_and_keeps_secrets_out(tmp_path):
                 scanned += 1
                 assert secret not in data, path
         assert scanned > 10  # Ray's own logs were there to scan
+
+
+# ---------------------------------------------------------------- several nodes
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_trials_train_on_two_nodes_and_share_s3_storage(short_tmp):
+    import json
+
+    with s3_server() as s3:
+        s3.client().create_bucket(Bucket="shared")
+        env = {**os.environ, **s3.env, "RAY_TMPDIR": short_tmp}
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_probe.py"), "s3://shared/exp",
+                               s3.endpoint], cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
+        for pid in _leftovers(short_tmp):
+            os.kill(pid, signal.SIGKILL)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        worker_nodes = json.loads(proc.stdout.strip().splitlines()[-1])
+        storage = Storage("s3://shared/exp", s3.endpoint)
+        root = storage.experiment("multi")
+        trials = _rows(storage, root, "trials")
+        assert len(trials) == 2 and all(t["status"] == "completed" for t in trials)
+        nodes = [t["node"].rsplit("/", 1)[1] for t in trials]
+        assert len(set(nodes)) == 2, nodes  # the two trials trained on different nodes
+        assert all(any(w.startswith(n) for w in worker_nodes) for n in nodes), (nodes, worker_nodes)
+        train = _rows(storage, root, "train")
+        assert {r["node"] for r in train} == {t["node"] for t in trials}
+        attack = read_kind(storage.filesystem, root, "attack")
+        assert attack.num_rows > 0 and set(attack["trial"].to_pylist()) == {t["trial"] for t in trials}
+        assert len(s3.objects("shared", "exp/multi/tune/")) > 0  # Tune state and checkpoints on S3 too
