@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robust.device import fast_layout
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -164,18 +166,18 @@ class GradientAttack(Attack):
         (gradient like x, mean per-example loss over the S passes (N,)).
         Parameter gradients are never touched (``torch.autograd.grad``).
         """
-        x = x.detach().requires_grad_(True)
+        x = fast_layout(x.detach()).requires_grad_(True)  # the gradient comes back in this layout
         n = x.shape[0]
         if self.eot_samples == 1:  # the plain gradient, without the accumulation
             losses = loss_fn(model(x), y).float()
             return torch.autograd.grad(losses.sum(), x)[0], losses.detach()
-        copies_per_pass = self._copies_per_pass(n, x.device)
+        copies_per_pass = self._copies_per_pass(n, x.device, model)
         grad = torch.zeros_like(x)
         loss_sum = torch.zeros(n, device=x.device, dtype=torch.float32)
         remaining = self.eot_samples
         while remaining > 0:
             copies = min(copies_per_pass, remaining)
-            xs = x.repeat(copies, *([1] * (x.dim() - 1))) if copies > 1 else x
+            xs = fast_layout(x.repeat(copies, *([1] * (x.dim() - 1)))) if copies > 1 else x
             ys = y.repeat(copies) if copies > 1 else y
             losses = loss_fn(model(xs), ys).float()
             grad += torch.autograd.grad(losses.sum(), x)[0]
@@ -183,6 +185,10 @@ class GradientAttack(Attack):
             remaining -= copies
         return grad / self.eot_samples, loss_sum / self.eot_samples
 
-    def _copies_per_pass(self, batch: int, device: torch.device) -> int:
+    def _copies_per_pass(self, batch: int, device: torch.device, model: Optional[nn.Module] = None) -> int:
+        # A model that draws its noise once per forward call (stochastic weights sampled
+        # per batch) would give every stacked copy the same draw: one copy per pass then.
+        if getattr(model, "noise_shared_in_batch", False):
+            return 1
         chunk = self.eot_chunk if self.eot_chunk is not None else default_eot_chunk(device)
         return max(1, min(self.eot_samples, chunk // max(batch, 1)))

@@ -7,6 +7,10 @@ One experiment is one folder (or object-store prefix)::
     <root>/data/train/defense=<d>/trial=<t>/part-0.parquet        one row per epoch
     <root>/data/attack/defense=<d>/trial=<t>/attack=<a>/part-<shard>.parquet
                                                                   one row per example
+    <root>/data/scores/defense=<d>/trial=<t>/score=<r2|r4>/part-<shard>.parquet
+                                                                  one row per example
+    <root>/data/transfer/source=<s>/trial=<t>/attack=<a>/part-<shard>.parquet
+                                          target t on examples crafted on source s
 
 Each kind is its own pyarrow dataset with hive partitioning (partition values
 live in the path, not in the files).  File names are deterministic, so a
@@ -18,6 +22,7 @@ run's configuration in its metadata.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any, Dict, Mapping
 
@@ -49,6 +54,25 @@ ATTACK_SCHEMA = pa.schema([
     ("node", pa.string()),        # the Ray node (or host) that computed the row
 ])
 
+TRANSFER_SCHEMA = pa.schema([   # a target model's rows on a source model's adversarial examples
+    ("example", pa.int64()),
+    ("label", pa.int64()),
+    ("prediction", pa.int64()),   # the target's prediction (one draw) on the source's x_adv
+    ("correct", pa.bool_()),
+    ("vote_prediction", pa.int64()),
+    ("vote_correct", pa.bool_()),
+    ("source_prediction", pa.int64()),  # the source's own prediction on its x_adv
+    ("source_correct", pa.bool_()),
+    ("eps", pa.float64()),
+    ("distance", pa.float64()),
+    ("stochastic", pa.bool_()),   # the target's repeated forward passes differ
+    ("config_id", pa.string()),   # the target's
+    ("seed", pa.int64()),         # the target's
+    ("source_seed", pa.int64()),
+    ("shard", pa.int64()),
+    ("node", pa.string()),
+])
+
 TRIAL_SCHEMA = pa.schema([
     ("trial", pa.string()),
     ("config_id", pa.string()),
@@ -63,6 +87,27 @@ TRIAL_SCHEMA = pa.schema([
     ("val_pgd_acc", pa.float64()),  # the selection metric (validation split)
     ("checkpoint", pa.string()),
     ("updated", pa.float64()),
+])
+
+SCORE_SCHEMA = pa.schema([      # per-example robustness scores (robust.scores; score in the path)
+    ("example", pa.int64()),
+    ("label", pa.int64()),
+    ("prediction", pa.int64()),   # f(x), the label the score is about (type-2 scores are label-agnostic)
+    ("value", pa.float64()),      # r2: the margin mu(x) (L2); r4: R4(x) in [0, 1] (NaN: no sample in any ball)
+    ("found", pa.bool_()),        # r2: some attack changed the label; r4: some eps ball held a sample
+    ("closest", pa.string()),     # r2: the attack whose boundary point was closest (Table 2); r4: ""
+    ("distance_fgsm", pa.float64()),     # r2: boundary distance per attack (inf: it failed); r4: null
+    ("distance_pgd", pa.float64()),
+    ("distance_deepfool", pa.float64()),
+    ("samples", pa.int64()),      # r4: autoencoder samples per example; r2: null
+    ("eps_used", pa.int64()),     # r4: eps of Sigma with a non-empty S_eps(x); r2: null
+    ("agreement", pa.float64()),  # r4: fraction of all samples keeping the label; r2: null
+    ("sample_distance", pa.float64()),  # r4: mean ||x' - x||_2 of the samples; r2: null
+    ("stochastic", pa.bool_()),   # repeated forward passes differ (scores are then of single draws)
+    ("config_id", pa.string()),
+    ("seed", pa.int64()),
+    ("shard", pa.int64()),
+    ("node", pa.string()),
 ])
 
 CHECK_SCHEMA = pa.schema([
@@ -86,7 +131,9 @@ PARTITIONS = {
     "certify": pa.schema([("defense", pa.string()), ("trial", pa.string()), ("sigma", pa.string())]),
     "checks": pa.schema([("defense", pa.string()), ("trial", pa.string())]),
     "attack": pa.schema([("defense", pa.string()), ("trial", pa.string()), ("attack", pa.string())]),
+    "transfer": pa.schema([("source", pa.string()), ("trial", pa.string()), ("attack", pa.string())]),
     "train": pa.schema([("defense", pa.string()), ("trial", pa.string())]),
+    "scores": pa.schema([("defense", pa.string()), ("trial", pa.string()), ("score", pa.string())]),
     "trials": pa.schema([]),
 }
 
@@ -97,6 +144,17 @@ def join(*parts: str) -> str:
 
 def attack_path(root: str, defense: str, trial: str, attack: str, shard: int) -> str:
     return join(root, "data", "attack", f"defense={defense}", f"trial={trial}", f"attack={attack}",
+                f"part-{shard:05d}.parquet")
+
+
+def transfer_path(root: str, source: str, target: str, attack: str, shard: int) -> str:
+    """Rows of ``target`` on the examples crafted on ``source`` (a trial id) under ``attack``."""
+    return join(root, "data", "transfer", f"source={source}", f"trial={target}", f"attack={attack}",
+                f"part-{shard:05d}.parquet")
+
+
+def score_path(root: str, defense: str, trial: str, score: str, shard: int) -> str:
+    return join(root, "data", "scores", f"defense={defense}", f"trial={trial}", f"score={score}",
                 f"part-{shard:05d}.parquet")
 
 
@@ -145,12 +203,26 @@ def write_table(fs: pafs.FileSystem, path: str, table: pa.Table, metadata: Mappi
 def read_kind(fs: pafs.FileSystem, root: str, kind: str) -> pa.Table:
     """All rows of one kind (attack, train, trials) of an experiment, partition columns included.
 
-    An experiment without rows of that kind gives an empty table.
+    An experiment without rows of that kind gives an empty table.  A run in
+    progress replaces some files (the per-epoch history, a trial's row) while
+    they are read: on an object store the listing may then give the old size of
+    a replaced object, and the read fails.  Such a read is retried from a fresh
+    listing (every object is always whole, so a fresh listing reads cleanly).
     """
     base = join(root, "data", kind)
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         return pa.table({})
     partitioning = ds.partitioning(PARTITIONS[kind], flavor="hive") if len(PARTITIONS[kind]) else None
-    dataset = ds.dataset(base, filesystem=fs, format="parquet", partitioning=partitioning)
-    return dataset.to_table()
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            dataset = ds.dataset(base, filesystem=fs, format="parquet", partitioning=partitioning)
+            return dataset.to_table()
+        except (OSError, pa.ArrowInvalid):
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+READ_ATTEMPTS = 4
