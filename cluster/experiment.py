@@ -124,6 +124,29 @@ def init_ray(address: Optional[str] = None) -> None:
                  log_to_driver=True, object_store_memory=store_mb * 1024 * 1024)
 
 
+#: credentials Ray Tune would copy from the driver into every trial actor's runtime
+#: environment (ray/tune/execution/class_cache.py)
+CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                             "AWS_SESSION_TOKEN"})
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune from putting AWS credentials into trial actors' runtime environments.
+
+    Ray 2.60's Tune copies AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / session
+    tokens from the driver's environment into each trainable's ``runtime_env``,
+    and Ray's runtime_env_agent then writes that environment, secret included, to
+    ``logs/runtime_env_agent.log`` in plain text (found by
+    tests/test_cluster_scale.py, which scans every file Ray writes).  Workers do
+    not need the copy: on a local instance they inherit the driver's environment
+    through the raylet, and cluster nodes get credentials from their own AWS
+    chain (the instance profile of ray_cluster.yaml).
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_VARS
+
+
 def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources) -> None:
     import ray
     from ray import tune
@@ -131,6 +154,7 @@ def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources
 
     from cluster.trial import run_trial
 
+    keep_credentials_out_of_runtime_envs()
     run = {"storage": plan.storage, "endpoint": plan.endpoint, "root": root,
            "train_storage_path": f"{root}/tune/train", "workers": res.workers,
            "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,

@@ -1,6 +1,6 @@
 """Run a launch script's ``main`` on several argument lists in one fresh interpreter.
 
-For each case it records the exit code, what went to stderr, and whether Ray
+For each case it records the exit code, what went to stdout and stderr, and whether Ray
 had been imported by then, which is how the tests show that bad input is
 refused before Ray starts.
 """
@@ -20,14 +20,13 @@ sys.path.insert(0, "launch")
 script = __import__(sys.argv[1])
 out = {}
 for name, argv in json.loads(sys.argv[2]).items():
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    err, std = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
         try:
-            script.main(argv)
-            code = 0
+            code = script.main(argv) or 0
         except SystemExit as e:
             code = e.code
-    out[name] = {"code": code, "stderr": err.getvalue(), "ray": "ray" in sys.modules}
+    out[name] = {"code": code, "stderr": err.getvalue(), "stdout": std.getvalue(), "ray": "ray" in sys.modules}
 print(json.dumps(out))
 """
 

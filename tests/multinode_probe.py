@@ -29,6 +29,7 @@ def main(storage: str, endpoint: str) -> None:
         "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1, object_store_memory=80 * MB) for _ in range(2)]
     cluster.wait_for_nodes()
+    ids = [w.node_id for w in workers]
     try:
         args = tune.build_parser().parse_args([
             "--defense", "standard", "--seeds", "2", "--epochs", "1", "--max-test-examples", "32",
@@ -39,7 +40,7 @@ def main(storage: str, endpoint: str) -> None:
 
         ray.shutdown()
         cluster.shutdown()
-    print(json.dumps([w.unique_id for w in workers]))
+    print(json.dumps(ids))
 
 
 if __name__ == "__main__":

@@ -57,17 +57,13 @@ def test_ray_cluster_yaml_passes_rays_schema_and_broken_copies_fail():
 
 def test_dry_run_of_the_paper_preset_plans_wrn_on_cifar10_without_data_or_ray(tmp_path):
     data_dir = tmp_path / "data"
-    env = {**os.environ, "ROBUST_DATA_DIR": str(data_dir)}
+    env = {**os.environ, "ROBUST_DATA_DIR": str(data_dir), "RAY_TMPDIR": str(tmp_path / "ray")}
     results = probe("tune", {"paper": ["--defense", "constant", "--preset", "paper", "--dry-run",
                                        "--storage", str(tmp_path / "results"), "--gpu-tflops", "40"]}, env=env)
     r = results["paper"]
     assert r["code"] == 0, r
-    assert not data_dir.exists() and not (tmp_path / "results").exists()  # nothing downloaded or written
-    proc = subprocess.run([sys.executable, "launch/tune.py", "--defense", "constant", "--preset", "paper",
-                           "--dry-run", "--storage", str(tmp_path / "results")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-    out = proc.stdout
-    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "ray").exists()  # no Ray instance was started
+    out = r["stdout"]
     assert "wrn-28-10" in out and "cifar10" in out and "10.5 GFLOPs" in out
     assert "1 configuration(s) x 5 seed(s) = 5" in out and "epochs per trial: 700" in out
     assert "4 worker(s) x 1 GPU = 4 GPU(s)" in out
@@ -180,17 +176,15 @@ def test_sync_cli_reports_failure_with_exit_1_and_bad_input_with_exit_2(tmp_path
         env = {**os.environ, **s3.env}
         results = probe("sync", {"ok": [str(exp), "s3://bkt/pre"], "not an experiment": [str(tmp_path), "s3://bkt/x"],
                                  "local destination": [str(exp), str(tmp_path / "copy")],
-                                 "missing bucket": [str(exp), "s3://nobucket/x"]}, env=env)
+                                 "missing bucket": [str(exp), "s3://nobucket/x"],
+                                 "unreachable": [str(exp), "s3://bkt/pre", "--endpoint",
+                                                 f"http://127.0.0.1:{free_port()}"]}, env=env)
         assert results["ok"]["code"] == 0
         assert len(s3.objects("bkt", "pre/exp/")) == 4  # 2 parts, manifest, sync record
         for name, message in (("not an experiment", "no manifest.json"), ("local destination", "must be s3://"),
-                              ("missing bucket", "does not exist")):
+                              ("missing bucket", "does not exist"), ("unreachable", "is not reachable")):
             lines = results[name]["stderr"].strip().splitlines()
             assert results[name]["code"] == 2 and len(lines) == 1 and message in lines[0], (name, lines)
-    # the endpoint is gone now: refused before any upload, one clear line
-    proc = subprocess.run([sys.executable, "launch/sync.py", str(exp), "s3://bkt/pre", "--attempts", "2",
-                           "--backoff", "0.05"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "is not reachable" in proc.stderr  # refused before any upload
 
 
 # ---------------------------------------------------------------- evaluation actors that die

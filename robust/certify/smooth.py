@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from robust.certify.bounds import cohen_l2_radius, laplace_l1_radius, pixeldp_l2_radius, renyi_l2_radius
 from robust.certify.confidence import lower_bound, upper_bound
+from robust.device import fast_layout
 from robust.seeding import derive_seed
 
 ABSTAIN = -1
@@ -403,7 +404,7 @@ class Smooth:
                 size = min(self.chunk, n - c * self.chunk)
                 seed = derive_seed(self.seed, image_id, first_chunk + c, *_STREAM_TAGS[stream])
                 generator = torch.Generator(self.device).manual_seed(seed)
-                logits = self.model(x.unsqueeze(0) + self._noise((size, *x.shape), generator))
+                logits = self.model(fast_layout(x.unsqueeze(0) + self._noise((size, *x.shape), generator)))
                 if logits.shape[-1] != self.num_classes:
                     raise ValueError(f"model returns {logits.shape[-1]} logits, Smooth expects {self.num_classes}")
                 counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
