@@ -227,6 +227,10 @@ def flag_inputs(rows: pa.Table) -> Dict[str, Any]:
     clean = rows.filter(pc.equal(rows["attack"], CLEAN))
     attacked = rows.filter(pc.and_(pc.equal(rows["stochastic"], True), pc.equal(rows["eot_samples"], 1)))
     specs = {a: spec_of_label(a) for a in accuracy}
+    # minimal-norm attacks are unbounded: they enter only their own flag (success on attacked rows)
+    minimal = sorted(a for a, s in specs.items() if s is not None and s.minimal_norm)
+    accuracy = {a: v for a, v in accuracy.items() if a not in minimal}
+    specs = {a: s for a, s in specs.items() if a not in minimal}
     black = sorted(a for a, s in specs.items() if s is not None and not s.gradient_based)
     non_eot = sorted(set(attacked["attack"].to_pylist()) - {CLEAN} - set(black))
     return {
@@ -238,4 +242,15 @@ def flag_inputs(rows: pa.Table) -> Dict[str, Any]:
         "prob_like_fraction": pc.mean(clean["prob_like"].cast(pa.float64())).as_py() or 0.0,
         "large_eps_success_rate": None if large is None else 1.0 - large,
         "non_eot": non_eot,
+        "minimal_norm_success": minimal_norm_success(rows, minimal),
     }
+
+
+def minimal_norm_success(rows: pa.Table, labels: List[str]) -> Dict[str, float]:
+    """label -> fraction of its attacked rows that are misclassified (for the minimal-norm flag)."""
+    out = {}
+    for label in labels:
+        mine = rows.filter(pc.and_(pc.equal(rows["attack"], label), pc.equal(rows["attacked"], True)))
+        if mine.num_rows:
+            out[label] = 1.0 - pc.mean(mine["correct"].cast(pa.float64())).as_py()
+    return out

@@ -6,12 +6,24 @@
     python launch/evaluate.py results/<experiment> --eps-curve pgd-20 --eps-values 0.02,0.05,0.1,0.2
     python launch/evaluate.py results/external --model-factory mypkg.models:build --weights w.pt \\
         --dataset cifar10 --attacks apgd-rand
+    python launch/evaluate.py results/<experiment> --transfer seeds --attacks fgsm,pgd-20
+    python launch/evaluate.py results/<experiment> --transfer-from <trial id> --attacks pgd-20
+    python launch/evaluate.py results/<experiment> --transfer-from mypkg.models:build --source-weights w.pt
+
+Transfer attacks craft adversarial examples on a source model once and classify
+them with target models: ``--transfer seeds`` is the matrix over the seeds of
+each configuration (every model attacked with the examples of the others, the
+diagonal empty), ``--transfer-from`` names one source, a trial id or an
+external ``module:function`` with ``--source-weights``; targets are the
+completed trials (or those of --trial).  Rows go into data/transfer/.
 
 Results go into the experiment's data/attack/ (one file per trial, attack and
 shard; shards already written are skipped), sanity flags into data/checks/,
 and the summary is printed at the end.  Attack names: see
 robust/evaluation/suite.py (fgsm, pgd-N, pgd-l2-N, eot-pgd[-N], apgd-ce,
-apgd-dlr, apgd-rand; overrides as NAME:key=value,...).  Everything is
+apgd-dlr, apgd-rand, black-box few-pixel-D, localsearch, localsearch-linf,
+boundary, boundary-min; overrides as NAME:key=value,...; an expensive attack
+takes its own cap, e.g. few-pixel-1:max_examples=100).  Everything is
 validated, checkpoints included, before Ray starts; bad input exits 2.
 """
 from __future__ import annotations
@@ -41,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-factory", help="module:function that returns an nn.Module (external model)")
     p.add_argument("--weights", help="state-dict file of the external model (loaded with weights_only=True)")
     p.add_argument("--dataset", help="dataset of the external model")
+    p.add_argument("--transfer", choices=["seeds"], help="transfer matrix over the seeds of each configuration")
+    p.add_argument("--transfer-from", metavar="TRIAL_OR_FACTORY",
+                   help="transfer from one source: a trial id, or module:function with --source-weights")
+    p.add_argument("--source-weights", help="state-dict file of an external --transfer-from model")
     p.add_argument("--endpoint", help="S3-compatible endpoint URL")
     p.add_argument("--address", help="Ray cluster address (default: a private local instance)")
     return p
@@ -127,7 +143,59 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         except (RuntimeError, ImportError, AttributeError, OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise UsageError(f"cannot load the model of {source.trial}: {first}") from None
-    return {"storage": storage, "root": root, "sources": sources, "settings": settings}
+    transfer = _transfer_plan(args, storage, sources, trials if not args.model_factory else [])
+    if transfer is not None:
+        source = transfer["models"][-1]  # the external source, if any, was appended last
+        if source.factory:
+            splits = load_splits(TrialSpec.from_dict(source.spec))
+            try:
+                load_model(source, storage, splits)
+            except (RuntimeError, ImportError, AttributeError, OSError, ValueError) as err:
+                first = str(err).strip().splitlines()[0]
+                raise UsageError(f"cannot load the source model {source.factory}: {first}") from None
+    return {"storage": storage, "root": root, "sources": sources, "settings": settings, "transfer": transfer}
+
+
+def _transfer_plan(args: argparse.Namespace, storage, targets, trials) -> Optional[Dict[str, Any]]:
+    """The transfer plan of --transfer / --transfer-from (None without them); raises UsageError."""
+    from cluster.evaluation import ModelSource
+    from cluster.transfer import from_source, seed_matrix
+
+    if args.source_weights and not args.transfer_from:
+        raise UsageError("--source-weights goes with --transfer-from module:function")
+    if not (args.transfer or args.transfer_from):
+        return None
+    if args.transfer and args.transfer_from:
+        raise UsageError("choose one of --transfer seeds and --transfer-from")
+    if args.model_factory or args.eps_curve:
+        raise UsageError("transfer attacks evaluate an experiment's trials: drop --model-factory/--eps-curve")
+    models = list(targets)
+    try:
+        if args.transfer:
+            plan = seed_matrix(models)
+        elif ":" in args.transfer_from:
+            if not args.source_weights:
+                raise UsageError("--transfer-from module:function needs --source-weights FILE")
+            with open(args.source_weights, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:10]
+            spec = {**targets[0].spec, "defense": "external", "model": args.transfer_from, "seed": 0,
+                    "defense_config": {"weights": digest}}
+            source = ModelSource(f"external-{digest}", spec, factory=args.transfer_from,
+                                 weights=args.source_weights)
+            models.append(source)
+            plan = from_source(source, targets)
+        else:
+            known = {t["trial"]: t for t in trials}
+            if args.transfer_from not in known:
+                raise UsageError(f"unknown source trial {args.transfer_from!r}; completed trials: "
+                                 f"{', '.join(sorted(known))}")
+            row = known[args.transfer_from]
+            source = ModelSource(row["trial"], json.loads(row["config"]), checkpoint=row["checkpoint"])
+            models = [m for m in models if m.trial != source.trial] + [source]
+            plan = from_source(source, targets)
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err)) from None
+    return {"plan": plan, "models": models}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -147,6 +215,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             write_trial_row(r["storage"], r["root"], source.trial, TrialSpec.from_dict(source.spec),
                             "completed", checkpoint=source.weights)
     init_ray(args.address)
+    if r["transfer"] is not None:
+        import ray
+
+        from cluster.experiment import evaluation_actors
+        from cluster.transfer import run_transfer
+
+        n_actors, gpus = evaluation_actors(ray.cluster_resources())
+        done = run_transfer(r["transfer"]["plan"], r["transfer"]["models"], r["settings"], r["storage"],
+                            r["root"], actors=args.actors or n_actors, gpus_per_actor=gpus)
+        print(f"crafted {done} source example(s) and classified them with every target; results in "
+              f"{r['storage'].display(r['root'])}/data/transfer")
+        import summarize
+
+        return summarize.show(args.experiment, args.endpoint)
     done = evaluate_sources(r["sources"], r["settings"], r["storage"], r["root"], actors=args.actors)
     print(f"evaluated {done} example(s) x model(s); results in {r['storage'].display(r['root'])}")
     import summarize

@@ -39,12 +39,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--endpoint", default=None, help="S3-compatible endpoint URL")
     parser.add_argument("--plot", metavar="PNG", help="write robust accuracy versus eps curves to this file")
     parser.add_argument("--plot-certified", metavar="PNG", help="write certified accuracy versus radius here")
+    parser.add_argument("--budgets", action="append", default=[], metavar="NORM=B1,B2,...",
+                        help="budgets at which to show minimal-norm attacks' success, e.g. l2=0.5,1 "
+                        "(repeatable; default per norm: robust.results.summary.MINIMAL_NORM_BUDGETS)")
+    parser.add_argument("--plot-margins", metavar="PNG", help="write R2 margin curves (areas in the legend) here")
+    parser.add_argument("--plot-noise", metavar="PNG", help="write the learned noise scales per epoch "
+                        "(learn2perturb, pni: Learn2Perturb Figure 4) to this file")
+    parser.add_argument("--plot-metric", nargs=2, metavar=("PATTERN", "PNG"),
+                        help="plot every per-epoch training metric matching the glob PATTERN, per "
+                        "trial, into PNG (e.g. 'sigma_*' for SDR's thresholds and mean sigmas)")
     args = parser.parse_args(argv)
 
     from cluster.storage import Storage
     from robust.results import summary
 
-    summaries, curves, certified, names = [], [], [], {}
+    summaries, curves, certified, names, transfers = [], [], [], {}, []
+    try:
+        budgets = summary.parse_budgets(args.budgets)
+    except ValueError as err:
+        parser.error(str(err))
+    minimal: list = []  # minimal-norm attacks' distances per trial
+    scores: list = []  # R2 / R4 per trial (launch/score.py)
     for path in args.paths:
         storage = Storage(path.rstrip("/"), args.endpoint)
         if storage.is_local and storage.filesystem.get_file_info(storage.root).type.name != "Directory":
@@ -59,6 +74,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 names[t.trial] = f"{experiment}/{s.defense} {s.description} seed {t.seed}"
         curves.extend(summary.curve_points(storage.filesystem, storage.root))
         certified.extend(summary.certified_curves(storage.filesystem, storage.root))
+        minimal.extend(summary.minimal_norm_points(storage.filesystem, storage.root))
+        scores.extend(summary.score_summaries(storage.filesystem, storage.root))
+        transfers.append((path, storage.filesystem, storage.root))
     if not summaries:
         return 1
     _emit(args.format, "Accuracy [%] on the test split (mean ± std over seeds; best seed chosen on "
@@ -75,6 +93,25 @@ def main(argv: Optional[List[str]] = None) -> int:
               [[names.get(p["trial"], p["trial"]), p["attack"], f"{p['eps']:.4g}",
                 f"{100 * p['accuracy']:.2f}", str(p["n"])] for p in sorted(
                   curves, key=lambda p: (p["trial"], p["attack"], p["eps"]))])
+    for norm, values in budgets.items():
+        header, rows = summary.minimal_norm_rows(minimal, names, norm, values)
+        if rows:
+            _emit(args.format, f"Minimal-norm attacks ({norm}): success [%] overall and within each budget, "
+                  "median distance (examples correct when clean)", header, rows)
+    for path, fs, root in transfers:
+        header, rows = summary.transfer_rows(fs, root, names)
+        if rows:
+            _emit(args.format, f"Transfer attacks: target accuracy [%] on examples crafted on the source ({path})",
+                  header, rows)
+    if scores:
+        _emit(args.format, "Robustness scores (Tibo et al.): mean R2 margin and the attack closest to the "
+              "boundary (Table 2), mean R4", *summary.score_rows(scores, names))
+    if args.plot_margins:
+        if not any(s["r2"] for s in scores):
+            print("no R2 scores to plot (run launch/score.py --scores r2)", file=sys.stderr)
+            return 1
+        summary.plot_margin_curves(scores, args.plot_margins, names)
+        print(f"wrote {args.plot_margins}")
     if certified:
         _emit(args.format, "Certified accuracy [%] at radius (not abstained, correct, radius >= r)",
               *summary.certified_rows(certified, names))
@@ -84,6 +121,31 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         summary.plot_certified(certified, args.plot_certified, names)
         print(f"wrote {args.plot_certified}")
+    if args.plot_noise:
+        from robust.results.noise import noise_curves, plot_noise
+
+        noise = []
+        for path in args.paths:
+            storage = Storage(path.rstrip("/"), args.endpoint)
+            noise.extend(noise_curves(storage.filesystem, storage.root))
+        if not noise:
+            print("no learned noise scales to plot (train learn2perturb or pni)", file=sys.stderr)
+            return 1
+        plot_noise(noise, args.plot_noise, names)
+        print(f"wrote {args.plot_noise}")
+    if args.plot_metric:
+        from robust.results.epochs import epoch_metric_curves, plot_epoch_metrics
+
+        pattern, png = args.plot_metric
+        metric_curves = []
+        for path in args.paths:
+            storage = Storage(path.rstrip("/"), args.endpoint)
+            metric_curves.extend(epoch_metric_curves(storage.filesystem, storage.root, pattern))
+        if not metric_curves:
+            print(f"no per-epoch training metric matches {pattern!r}", file=sys.stderr)
+            return 1
+        plot_epoch_metrics(metric_curves, png, names, pattern)
+        print(f"wrote {png}")
     if args.plot:
         if not curves:
             print("no eps-curve results to plot (evaluate with --eps-curve)", file=sys.stderr)

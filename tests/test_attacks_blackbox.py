@@ -146,6 +146,8 @@ def test_suite_names_and_clear_errors():
     assert specs["few-pixel-2"].norm == "l0" and specs["few-pixel-2"].eps(0.1) == 2
     assert math.isinf(specs["localsearch"].eps(0.1)) and specs["boundary"].eps(0.1) == 0.5
     assert [s.gradient_based for s in specs.values()] == [False, False, False, True]
+    minimal, = parse_attack("boundary-min")  # unbounded: a minimal-norm attack (eps = inf)
+    assert minimal.minimal_norm and not specs["boundary"].minimal_norm and math.isinf(minimal.build(0.1, 0).eps)
     # black-box attacks get no EOT on a stochastic model; gradient attacks do
     assert "eot_samples" not in attack_for_model(specs["boundary"], stochastic=True).params
     assert "eot_samples" in attack_for_model(specs["pgd-5"], stochastic=True).params
@@ -281,3 +283,32 @@ def test_sharded_transfer_matches_one_pass_and_fills_the_matrix(ray_local, tmp_p
     assert run_transfer(seed_matrix(sources), sources, settings, storage, root, actors=2) == 0  # all written
     header, rows = transfer_rows(storage.filesystem, root, {})
     assert header[2:] == ["t0", "t1"] and rows[0][:3] == ["fgsm", "t0", "-"] and rows[1][3] == "-"
+
+
+def test_evaluate_refuses_bad_transfer_options_with_exit_2(tmp_path, trained_digits_model):
+    from launch_probe import probe
+
+    from cluster.records import write_trial_row
+
+    storage = Storage(str(tmp_path))
+    root = storage.experiment("exp")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"model": trained_digits_model.state_dict()}, ckpt / STATE_FILE)
+    write_trial_row(storage, root, "t0", TrialSpec(defense="standard", dataset="digits", model="small-cnn"),
+                    "completed", checkpoint=str(ckpt))
+    exp = str(tmp_path / "exp")
+    cases = {
+        "one seed": ([exp, "--transfer", "seeds"], "needs a configuration with at least 2 seeds"),
+        "both": ([exp, "--transfer", "seeds", "--transfer-from", "t0"], "choose one of --transfer seeds"),
+        "unknown source": ([exp, "--transfer-from", "t9"], "unknown source trial 't9'; completed trials: t0"),
+        "no other target": ([exp, "--transfer-from", "t0"], "no target model besides the source t0"),
+        "factory without weights": ([exp, "--transfer-from", "m:f"], "needs --source-weights FILE"),
+        "weights alone": ([exp, "--source-weights", "w.pt"], "--source-weights goes with --transfer-from"),
+    }
+    results = probe("evaluate", {k: v[0] for k, v in cases.items()})
+    for name, (_, message) in cases.items():
+        r = results[name]
+        lines = r["stderr"].strip().splitlines()
+        assert r["code"] == 2 and not r["ray"], (name, r)
+        assert len(lines) == 1 and message in lines[0], (name, lines)

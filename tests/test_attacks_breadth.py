@@ -25,6 +25,15 @@ def _accuracy(model, x, y):
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These attacks run many tiny forward passes: one thread is fastest on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def batch(trained_digits_model, digits):
     """64 test digits the trained model classifies correctly."""
@@ -135,9 +144,10 @@ def test_cw_confidence_kappa_is_reached_and_costs_distance(trained_digits_model,
     with torch.no_grad():
         logits = model(x5)
     margin = logits.scatter(1, y[:, None], -math.inf).max(1).values - logits.gather(1, y[:, None]).squeeze(1)
-    found = (x5 != x).flatten(1).any(1)
-    assert bool(found.all()) and bool((margin >= 5.0 - 1e-3).all())
-    assert (x5 - x).flatten(1).norm(dim=1).median() > (x0 - x).flatten(1).norm(dim=1).median()
+    found = (x5 != x).flatten(1).any(1) & (x0 != x).flatten(1).any(1)
+    assert found.float().mean() >= 0.75 and bool((margin[found] >= 5.0 - 1e-3).all())
+    size = lambda x_adv: (x_adv - x).flatten(1).norm(dim=1)[found]  # noqa: E731
+    assert bool((size(x5) > size(x0)).all())
 
 
 def test_apgd_t_and_fab_t_are_at_least_as_strong_as_apgd_ce(trained_digits_model, batch, eps_in_band):
@@ -303,6 +313,13 @@ def test_summary_reports_median_distance_and_success_at_budgets():
     assert header[-3:] == ["<= 0.3 [%]", "<= 0.5 [%]", "<= 1 [%]"]
     assert rows == [["model", "deepfool", "4", "75.00", "0.5", "25.00", "50.00", "75.00"]]
     assert summary.parse_budgets(["l2=1,2"])["l2"] == (1.0, 2.0)
+    # minimal-norm rows (misclassified by design) stay out of the accuracy tables and the worst case
+    attacks = pa.table({"trial": ["t"] * 6, "attack": ["clean", "clean", "fgsm", "fgsm", "deepfool", "deepfool"],
+                        "example": [0, 1, 0, 1, 0, 1], "correct": [True, True, True, False, False, False],
+                        "vote_correct": [True, True, True, False, False, False], "stochastic": [False] * 6})
+    result = summary.trial_results(attacks, [], pa.table({"trial": [], "flag": [], "tripped": []}))["t"]
+    assert set(result.outcomes) == {"clean", "fgsm", summary.WORST}
+    assert result.accuracy(summary.WORST) == 0.5
     with pytest.raises(ValueError, match="unknown norm 'l3'"):
         summary.parse_budgets(["l3=1"])
 

@@ -279,8 +279,9 @@ def test_fit_logs_mean_noise_per_layer_and_the_eot_selection_metric(digits, defe
 def test_warmup_epochs_draw_no_noise_and_leave_theta_alone(digits):
     defense = create_defense("learn2perturb", eps_data=digits.eps, warmup_epochs=1, gamma=1e-2, **FAST)
     _, history = fit(_model(digits), defense, digits, _sgd(epochs=2), seed=0, device=CPU)
-    assert history[0]["noise_mean"] == 0.25 and history[0]["noise_tau"] == 0.0
-    assert history[1]["noise_mean"] != 0.25 and history[1]["noise_tau"] == 1.0
+    theta0 = defense.config.theta_init
+    assert history[0]["noise_mean"] == pytest.approx(theta0) and history[0]["noise_tau"] == 0.0
+    assert history[1]["noise_mean"] != pytest.approx(theta0) and history[1]["noise_tau"] == 1.0
 
 
 def test_resume_continues_exactly(digits):

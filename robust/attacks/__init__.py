@@ -15,6 +15,8 @@ ATTACKS = Registry("attack")
 def _load() -> None:
     # Importing the modules fills the registry (a dict entry each, no work).
     from robust.attacks import apgd, fgsm, pgd, smoothed_pgd  # noqa: F401
+    from robust.attacks import apgd_t, cw, deepfool, fab, fgsm_grow, square  # noqa: F401
+    from robust.attacks import boundary, few_pixel, local_search  # noqa: F401  (black-box)
 
 
 def create_attack(name: str, **kwargs: Any):

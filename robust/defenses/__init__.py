@@ -16,6 +16,10 @@ DEFENSES = Registry("defense")
 def _load() -> None:
     # Importing the modules fills the registry (a dict entry each, no work).
     from robust.defenses import constant, pgd_at, standard, stn, trades  # noqa: F401
+    from robust.defenses import learn2perturb, pni  # noqa: F401
+    from robust.defenses import sdr  # noqa: F401
+    from robust.defenses import dropconnect  # noqa: F401
+    from robust.defenses import r2, r4  # noqa: F401
 
 
 def create_defense(name: str, **config: Any):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Tuple
 
 #: eps of the large-budget check: the whole [0,1] box in L-inf, so a working
 #: gradient attack can reach any image and must fool (about) every example.
@@ -68,6 +68,44 @@ def non_eot_on_stochastic(labels: List[str]) -> Flag:
     return Flag("non-eot-attack-on-stochastic-model", bool(labels), float(len(labels)), ", ".join(labels))
 
 
+#: A black-box attack must beat the strongest white-box attack of its threat model by more
+#: than this (absolute accuracy on the same examples) to trip the flag: one example in 100
+#: is within the draw-to-draw noise of a randomized model's predictions.
+BLACK_BOX_MARGIN = 0.01
+
+
+def white_box_covers(black_box: Tuple[str, float], white_box: Tuple[str, float]) -> bool:
+    """Whether a white-box threat model (norm, eps) contains the black-box one: same norm, eps >= ."""
+    return white_box[0] == black_box[0] and white_box[1] >= black_box[1] - TOLERANCE
+
+
+def black_box_stronger_than_white_box(pairs: Mapping[str, Tuple[float, str, float]]) -> Flag:
+    """A black-box attack that leaves lower accuracy than every white-box attack of the same
+    threat model means the gradients are masked (Athalye et al. 2018; Carlini et al. 2019, 'verify
+    that black-box attacks do not outperform white-box ones').
+
+    ``pairs``: black-box label -> (its accuracy, the strongest covering white-box label, that
+    attack's accuracy), both accuracies on the same examples.
+    """
+    worse = {k: v for k, v in pairs.items() if v[0] < v[2] - BLACK_BOX_MARGIN}
+    value = max((wb - bb for bb, _, wb in worse.values()), default=0.0)
+    return Flag("black-box-stronger-than-white-box", bool(worse), value,
+                ", ".join(f"{k} {100 * bb:.2f}% < {w} {100 * wb:.2f}%" for k, (bb, w, wb) in worse.items()))
+
+
+def minimal_norm_incomplete(success: Mapping[str, float]) -> Flag:
+    """An unbounded minimal-norm attack (CW, DeepFool, growing FGSM, FAB-T-min) can move an
+    input anywhere in [0,1]^d, so it must find an adversarial point for every example it
+    attacks; less means its search is blocked (masked gradients) or too short.
+
+    ``success``: minimal-norm label -> fraction of its attacked examples it misclassified.
+    """
+    short = {k: v for k, v in success.items() if v < 1.0 - TOLERANCE}
+    value = 1.0 - min(short.values()) if short else 0.0
+    return Flag("minimal-norm-attack-incomplete", bool(short), value,
+                ", ".join(f"{k} {100 * v:.2f}% success" for k, v in short.items()))
+
+
 def pgd_steps(label: str) -> int | None:
     """Steps of a plain L-inf PGD label ('pgd-20' -> 20), else None."""
     m = re.fullmatch(r"pgd-(\d+)", label)
@@ -75,10 +113,16 @@ def pgd_steps(label: str) -> int | None:
 
 
 def trial_flags(accuracy: Mapping[str, float], zero_grad_fraction: float, prob_like_fraction: float,
-                large_eps_success_rate: float | None, non_eot: List[str]) -> List[Flag]:
+                large_eps_success_rate: float | None, non_eot: List[str],
+                black_box: Mapping[str, Tuple[float, str, float]] | None = None,
+                minimal_norm_success: Mapping[str, float] | None = None) -> List[Flag]:
     """All flags of one evaluated model from its aggregate numbers."""
     flags = [zero_gradients(zero_grad_fraction), probabilities_as_logits(prob_like_fraction),
              non_eot_on_stochastic(non_eot)]
+    if minimal_norm_success:
+        flags.append(minimal_norm_incomplete(minimal_norm_success))
+    if black_box:
+        flags.append(black_box_stronger_than_white_box(black_box))
     if large_eps_success_rate is not None:
         flags.append(large_eps_success(large_eps_success_rate))
     iterative = {k: v for k, v in accuracy.items() if k not in ("clean", "fgsm")}

@@ -10,7 +10,11 @@ an attack.  Two protocols:
   left correctly classified (AutoAttack's protocol, Croce & Hein 2020).
 
 Either way ``robust`` is the running worst case: correct on the clean input
-and under every attack so far.  Stochastic models (repeated forward passes
+and under every attack so far.  Minimal-norm attacks (unbounded: CW, DeepFool,
+growing FGSM, FAB-T-min) are outside it: they run on the examples correct
+when clean under either protocol, their rows hold the prediction on the
+closest adversarial point found and its ``distance`` (inf where none was
+found), and their ``robust`` column is not carried to later attacks.  Stochastic models (repeated forward passes
 differ) are detected; their accuracy is reported for a single draw
 (``prediction``) and as a majority vote over ``votes`` draws
 (``vote_prediction``), and their gradient attacks use EOT unless the attack
@@ -125,12 +129,17 @@ def evaluate_shard(module: nn.Module, split: ImageSplit, positions: Sequence[int
         single, vote, logits = predict(module, x, votes, stochastic)
         zero_grad, prob_like = _input_diagnostics(module, x, y, logits)
         robust = single == y
-        worst_pred = single.clone()
+        clean_correct, worst_pred = robust.clone(), single.clone()
         _append(out[CLEAN], index, y, single, vote, torch.ones_like(robust), robust, 0.0, 0,
                 stochastic, zero_grad, prob_like, torch.zeros(len(y)))
         for i, spec in enumerate(attacks):
             spec = attack_for_model(spec, stochastic)
-            attacked = robust.clone() if protocol == "cascade" else torch.ones_like(robust)
+            if spec.minimal_norm:  # unbounded: the examples correct when clean, whatever the protocol
+                attacked = clean_correct.clone()
+            else:
+                attacked = robust.clone() if protocol == "cascade" else torch.ones_like(robust)
+            keep = within_cap(spec.max_examples, positions[start:start + batch_size], y.device)
+            attacked &= keep  # an attack's own cap: rows only for the first max_examples positions
             pred, vote = worst_pred.clone(), worst_pred.clone()
             distance = torch.full((len(y),), float("nan"), dtype=torch.float64, device=y.device)
             if bool(attacked.any()):
@@ -140,11 +149,14 @@ def evaluate_shard(module: nn.Module, split: ImageSplit, positions: Sequence[int
                 pred[attacked], vote[attacked] = p_single, p_vote
                 distance[attacked] = perturbation_norm(x_adv - x[attacked], spec.norm)
             correct = pred == y
-            robust = robust & correct
-            worst_pred = torch.where(correct, worst_pred, pred)
-            _append(out[attacks[i].label], index, y, pred, vote,
-                    attacked, robust, spec.eps(eps_data), int(spec.params.get("eot_samples", 1)),
-                    stochastic, zero_grad, prob_like, distance)
+            row_robust = robust & correct
+            if spec.minimal_norm:  # no adversarial point found: infinitely far; no worst-case update
+                distance[attacked & correct] = float("inf")
+            else:
+                robust, worst_pred = row_robust, torch.where(correct, worst_pred, pred)
+            _append(out[attacks[i].label], index[keep.cpu()], y[keep], pred[keep], vote[keep],
+                    attacked[keep], row_robust[keep], spec.eps(eps_data), int(spec.params.get("eot_samples", 1)),
+                    stochastic, zero_grad[keep], prob_like[keep], distance[keep])
         if large_eps_examples > 0:
             k = min(large_eps_examples, len(y))
             spec = attack_for_model(AttackSpec(LARGE_EPS_LABEL, "pgd", {"eps": LARGE_EPS, "steps": 20,
@@ -158,6 +170,13 @@ def evaluate_shard(module: nn.Module, split: ImageSplit, positions: Sequence[int
         if progress is not None:
             progress(len(y))
     return out
+
+
+def within_cap(cap: Optional[int], positions: Sequence[int], device: torch.device) -> Tensor:
+    """(B,) bool: which of the batch's positions an attack capped at ``cap`` examples covers."""
+    if cap is None:
+        return torch.ones(len(positions), dtype=torch.bool, device=device)
+    return torch.as_tensor(list(positions), device=device) < cap
 
 
 def _append(cols: Dict[str, list], index: Tensor, y: Tensor, pred: Tensor, vote: Tensor, attacked: Tensor,

@@ -50,9 +50,14 @@ def create_model(
         num_classes=num_classes, in_channels=in_channels, image_size=image_size, mean=mean, std=std
     )
     if name in MODELS:
-        return MODELS.create(name, **common, **kwargs)
-    depth, widen_factor = wide_resnet.parse_wrn_name(name)  # type: ignore[misc]
-    return wide_resnet.wide_resnet(depth, widen_factor, **common, **kwargs)
+        model = MODELS.create(name, **common, **kwargs)
+    else:
+        depth, widen_factor = wide_resnet.parse_wrn_name(name)  # type: ignore[misc]
+        model = wide_resnet.wide_resnet(depth, widen_factor, **common, **kwargs)
+    # The (C, H, W) the model was built for, a plain attribute (not in the state dict):
+    # defenses that size modules by the feature maps (per-element noise scales) read it.
+    model.input_shape = (in_channels, image_size, image_size)
+    return model
 
 
 def check_model_name(name: str) -> str:

@@ -68,11 +68,14 @@ class CifarBasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = PadShortcut(in_planes, planes, stride)
+        # An identity on the residual sum, before the final ReLU: a place where a
+        # defense may insert a module (feature noise) without touching the block.
+        self.sum_hook: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x), inplace=True)
+        return F.relu(self.sum_hook(out + self.shortcut(x)), inplace=True)
 
 
 class CifarResNet(nn.Module):

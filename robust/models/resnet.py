@@ -48,11 +48,14 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(
                 conv1x1(in_planes, planes, stride), nn.BatchNorm2d(planes)
             )
+        # An identity on the residual sum, before the final ReLU: a place where a
+        # defense may insert a module (feature noise) without touching the block.
+        self.sum_hook: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x), inplace=True)
+        return F.relu(self.sum_hook(out + self.shortcut(x)), inplace=True)
 
 
 class PreActBlock(nn.Module):
@@ -68,6 +71,9 @@ class PreActBlock(nn.Module):
         self.shortcut: Optional[nn.Conv2d] = None
         if stride != 1 or in_planes != planes:
             self.shortcut = conv1x1(in_planes, planes, stride)
+        # An identity on the block's output (the residual sum): a place where a
+        # defense may insert a module (feature noise) without touching the block.
+        self.sum_hook: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x), inplace=True)
@@ -75,7 +81,7 @@ class PreActBlock(nn.Module):
         shortcut = x if self.shortcut is None else self.shortcut(pre)
         out = self.conv1(pre)
         out = self.conv2(F.relu(self.bn2(out), inplace=True))
-        return out + shortcut
+        return self.sum_hook(out + shortcut)
 
 
 Block = Union[Type[BasicBlock], Type[PreActBlock]]

@@ -49,6 +49,9 @@ class WideBasicBlock(nn.Module):
         self.shortcut: Optional[nn.Conv2d] = None
         if stride != 1 or in_planes != out_planes:
             self.shortcut = conv1x1(in_planes, out_planes, stride)
+        # An identity on the block's output (the residual sum): a place where a
+        # defense may insert a module (feature noise) without touching the block.
+        self.sum_hook: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x), inplace=True)
@@ -57,7 +60,7 @@ class WideBasicBlock(nn.Module):
         shortcut = x if self.shortcut is None else self.shortcut(pre)
         out = self.conv1(pre)
         out = self.conv2(self.dropout(F.relu(self.bn2(out), inplace=True)))
-        return out + shortcut
+        return self.sum_hook(out + shortcut)
 
 
 class WideResNet(nn.Module):

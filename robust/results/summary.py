@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from robust.evaluation.stats import clopper_pearson, mcnemar
+from robust.evaluation.suite import is_minimal_norm, spec_of_label
 from robust.results.schema import read_kind
 
 COMPLETED = "completed"
@@ -108,7 +109,8 @@ def trial_results(attacks: pa.Table, trials: Sequence[dict], checks: pa.Table) -
     for t, a, e, c, v, s in zip(*cols.values()):
         if t not in out:
             out[t] = TrialResult(t, 0, math.nan, {})
-        if a.startswith(SANITY_PREFIX) or _is_curve_point(a):
+        if a.startswith(SANITY_PREFIX) or _is_curve_point(a) or is_minimal_norm(a):
+            # minimal-norm attacks are unbounded: reported apart (minimal_norm_rows), not in the worst case
             continue
         out[t].outcomes.setdefault(a, {})[e] = c
         out[t].vote.setdefault(a, 0.0)
@@ -254,8 +256,9 @@ def plot_curves(points: Sequence[dict], path: str, names: Dict[str, str]) -> Non
 
 
 def save_line_plot(lines: Sequence[Tuple[Sequence[float], Sequence[float], str]], xlabel: str, ylabel: str,
-                   path: str) -> None:
-    """A PNG of accuracy-style curves (y in percent, 0 to 100), one (xs, ys, label) per line."""
+                   path: str, ylim: Optional[Tuple[float, float]] = (0, 100)) -> None:
+    """A PNG of accuracy-style curves (y in percent, 0 to 100; ``ylim`` None scales y to
+    the data), one (xs, ys, label) per line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +269,8 @@ def save_line_plot(lines: Sequence[Tuple[Sequence[float], Sequence[float], str]]
         ax.plot(list(xs), list(ys), marker="o", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 100)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -304,6 +308,35 @@ def print_rich_table(header: List[str], rows: List[List[str]], title: str) -> No
     # wide enough that no cell wraps: tables are read, and copied into papers
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     Console(width=max(100, sum(widths) + 3 * len(widths) + 1)).print(table)
+
+
+def transfer_rows(fs: pafs.FileSystem, root: str, names: Dict[str, str]) -> Tuple[List[str], List[List[str]]]:
+    """Transfer matrix per attack: accuracy [%] of each target (column) on the examples crafted on
+    each source (row), '-' where a cell was not evaluated (the diagonal of a seed matrix), and a
+    last row per attack with each model's mean +- std over the other models of the matrix
+    (constant perturbations A.1, Table 5); sources that are not targets (an external model,
+    Table 10) are rows of their own, outside that mean."""
+    table = read_kind(fs, root, "transfer")
+    if table.num_rows == 0:
+        return [], []
+    agg = table.group_by(["attack", "source", "trial"]).aggregate([("correct", "mean")])
+    cells = {(a, s, t): v for a, s, t, v in zip(*agg.select(["attack", "source", "trial",
+                                                              "correct_mean"]).to_pydict().values())}
+    attacks = sorted({k[0] for k in cells}, key=attack_order)
+    sources = sorted({k[1] for k in cells})
+    targets = sorted({k[2] for k in cells})
+    seeds = [s for s in sources if s in targets]  # the matrix's models; a named outside source is its own row
+    header = ["attack", "source \\ target"] + [names.get(t, t) for t in targets]
+    rows = []
+    for a in attacks:
+        for s in sources:
+            if any((a, s, t) in cells for t in targets):
+                rows.append([a, names.get(s, s)] + [f"{100 * cells[(a, s, t)]:.2f}" if (a, s, t) in cells else "-"
+                                                    for t in targets])
+        if len(seeds) > 1:
+            rows.append([a, "mean ± std over the other models"] + [
+                mean_std([cells[(a, s, t)] for s in seeds if (a, s, t) in cells]) for t in targets])
+    return header, rows
 
 
 CERTIFY_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # Cohen et al. Table 1 radii (plus 0)
@@ -350,3 +383,111 @@ def plot_certified(curves: Sequence[dict], path: str, names: Dict[str, str],
     save_line_plot([(radii, [100 * a for a in c["accuracy"]],
                      f"{names.get(c['trial'], c['trial'])} sigma={c['sigma']:g} ({c['bound']})") for c in curves],
                    "radius", "certified accuracy [%]", path)
+
+
+SCORE_ATTACKS = ("fgsm", "pgd", "deepfool")  # robust.scores.r2.R2_ATTACKS, without importing torch
+
+
+def score_summaries(fs: pafs.FileSystem, root: str) -> List[dict]:
+    """Per trial: mean R2 margin (= area under its margin curve), the share of examples
+    whose closest boundary point came from each attack (Table 2), and mean R4."""
+    table = read_kind(fs, root, "scores")
+    if table.num_rows == 0:
+        return []
+    data = table.select(["trial", "score", "value", "found", "closest"]).to_pydict()
+    out: Dict[str, dict] = {}
+    for trial, score, value, found, closest in zip(*data.values()):
+        t = out.setdefault(trial, {"trial": trial, "r2": [], "r4": [], "closest": [], "found": []})
+        if score == "r2":
+            t["r2"].append(value)
+            t["found"].append(found)
+            if found:
+                t["closest"].append(closest)
+        elif value is not None and not math.isnan(value):
+            t["r4"].append(value)
+    return [out[k] for k in sorted(out)]
+
+
+def score_rows(summaries: Sequence[dict], names: Dict[str, str]) -> Tuple[List[str], List[List[str]]]:
+    header = ["model", "R2 examples", "R2 (mean margin, L2)", "no boundary [%]"] + \
+        [f"closest {a} [%]" for a in SCORE_ATTACKS] + ["R4 examples", "R4"]
+    rows = []
+    for s in summaries:
+        n2, closest = len(s["r2"]), s["closest"]
+        r2 = f"{mean(s['r2']):.4f}" if n2 else "-"
+        missing = f"{100 * (1 - sum(s['found']) / n2):.1f}" if n2 else "-"
+        shares = [f"{100 * closest.count(a) / len(closest):.1f}" if closest else "-" for a in SCORE_ATTACKS]
+        r4 = f"{mean(s['r4']):.4f}" if s["r4"] else "-"
+        rows.append([names.get(s["trial"], s["trial"]), str(n2), r2, missing, *shares, str(len(s["r4"])), r4])
+    return header, rows
+
+
+def plot_margin_curves(summaries: Sequence[dict], path: str, names: Dict[str, str], points: int = 60) -> None:
+    """Margin curves (Figure 4): the share of examples with margin > eps, against eps,
+    one line per model, the area under each curve (its R2) in the legend."""
+    with_r2 = [s for s in summaries if s["r2"]]
+    top = max(max(s["r2"]) for s in with_r2)
+    grid = [top * i / (points - 1) for i in range(points)]
+    lines = []
+    for s in with_r2:
+        m = s["r2"]
+        curve = [100 * sum(v > e for v in m) / len(m) for e in grid]
+        lines.append((grid, curve, f"{names.get(s['trial'], s['trial'])} (area {mean(m):.3f})"))
+    save_line_plot(lines, "eps (L2)", "examples with margin > eps [%]", path)
+
+
+#: Budgets at which the success rate of minimal-norm attacks is shown, per norm (overridable).
+MINIMAL_NORM_BUDGETS = {"linf": (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.1, 0.2, 0.3),
+                        "l2": (0.1, 0.25, 0.5, 1.0, 2.0)}
+
+
+def parse_budgets(items: Sequence[str]) -> Dict[str, Tuple[float, ...]]:
+    """The default budgets, with 'NORM=B1,B2,...' items replacing a norm's budgets."""
+    budgets = dict(MINIMAL_NORM_BUDGETS)
+    for item in items:
+        norm, _, values = (part.strip() for part in item.partition("="))
+        if norm not in MINIMAL_NORM_BUDGETS:
+            raise ValueError(f"--budgets {item!r}: unknown norm {norm!r}; valid choices: "
+                             f"{', '.join(MINIMAL_NORM_BUDGETS)}")
+        try:
+            budgets[norm] = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            raise ValueError(f"--budgets {item!r} is not NORM=B1,B2,... with numbers") from None
+    return budgets
+
+
+def minimal_norm_points(fs: pafs.FileSystem, root: str) -> List[dict]:
+    """Per (trial, minimal-norm attack): its norm and the distances of its attacked rows
+    (inf where it found no adversarial point; misclassified rows only count as found)."""
+    attacks = read_kind(fs, root, "attack")
+    if attacks.num_rows == 0:
+        return []
+    labels = [a for a in set(attacks["attack"].to_pylist()) if is_minimal_norm(a)]
+    if not labels:
+        return []
+    rows = attacks.filter(pc.and_(pc.is_in(attacks["attack"], pa.array(labels)),
+                                  pc.equal(attacks["attacked"], True)))
+    out: Dict[Tuple[str, str], List[float]] = {}
+    for t, a, c, d in zip(*rows.select(["trial", "attack", "correct", "distance"]).to_pydict().values()):
+        out.setdefault((t, a), []).append(math.inf if c or d is None or math.isnan(d) else d)
+    return [{"trial": t, "attack": a, "norm": spec_of_label(a).norm, "distances": sorted(d)}
+            for (t, a), d in sorted(out.items())]
+
+
+def minimal_norm_rows(points: Sequence[dict], names: Dict[str, str], norm: str,
+                      budgets: Sequence[float]) -> Tuple[List[str], List[List[str]]]:
+    """Minimal-norm attacks of one norm: examples attacked, overall success [%], median
+    distance (inf counts for a failure), and success [%] at each budget (distance <= budget)."""
+    header = ["model", "attack", "n", "success [%]", f"median {norm} distance"] + \
+        [f"<= {b:.4g} [%]" for b in budgets]
+    rows = []
+    for p in points:
+        if p["norm"] != norm:
+            continue
+        d = p["distances"]
+        n = len(d)
+        median = (d[(n - 1) // 2] + d[n // 2]) / 2
+        rows.append([names.get(p["trial"], p["trial"]), p["attack"], str(n),
+                     f"{100 * sum(math.isfinite(v) for v in d) / n:.2f}", f"{median:.4g}"]
+                    + [f"{100 * sum(v <= b for v in d) / n:.2f}" for b in budgets])
+    return header, rows
