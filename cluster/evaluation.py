@@ -10,6 +10,7 @@ every evaluated model are computed from its rows and stored beside them.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -63,6 +64,29 @@ class ShardJob:
     shard: int
     start: int
     stop: int
+
+
+def completed_sources(storage: Storage, location: str) -> List[ModelSource]:
+    """Every completed trial of the experiment at ``storage`` that has a checkpoint.
+    ValueError (one line) when there is no experiment there."""
+    if storage.filesystem.get_file_info(f"{storage.root}/data/trials").type.name != "Directory":
+        raise ValueError(f"no experiment at {location}: data/trials/ not found")
+    return [ModelSource(t["trial"], json.loads(t["config"]), checkpoint=t["checkpoint"])
+            for t in read_kind(storage.filesystem, storage.root, "trials").to_pylist()
+            if t["status"] == "completed" and t["checkpoint"]]
+
+
+def select_trials(sources: Sequence[ModelSource], wanted: Sequence[str], location: str) -> List[ModelSource]:
+    """The sources named in ``wanted`` (all when empty); ValueError naming an unknown trial
+    and the valid ones, or saying that nothing is left."""
+    known = {s.trial for s in sources}
+    unknown = [t for t in wanted if t not in known]
+    if unknown:
+        raise ValueError(f"unknown trial {unknown[0]!r}; completed trials: {', '.join(sorted(known))}")
+    chosen = [s for s in sources if not wanted or s.trial in wanted]
+    if not chosen:
+        raise ValueError(f"no completed trial with a checkpoint in {location}")
+    return chosen
 
 
 def load_model(source: ModelSource, storage: Storage, splits: DatasetSplits) -> nn.Module:

@@ -13,7 +13,6 @@ n = 100,000, confidence 0.999).  sigma defaults to the trial's training sigma
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -44,11 +43,10 @@ def build_parser():
 
 def resolve(args) -> Dict[str, Any]:
     from cluster.certification import CertifySettings
-    from cluster.evaluation import ModelSource
+    from cluster.evaluation import completed_sources, select_trials
     from cluster.storage import Storage
     from robust.certify import CERTIFY_PRESETS
     from robust.certify.smooth import check_confidence, check_noise, check_sample_sizes
-    from robust.results.schema import read_kind
 
     if args.preset not in CERTIFY_PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; valid choices: {', '.join(CERTIFY_PRESETS)}")
@@ -63,22 +61,19 @@ def resolve(args) -> Dict[str, Any]:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     storage = Storage(args.experiment.rstrip("/"), args.endpoint)
-    if storage.filesystem.get_file_info(f"{storage.root}/data/trials").type.name != "Directory":
-        raise UsageError(f"no experiment at {args.experiment}: data/trials/ not found")
-    trials = [t for t in read_kind(storage.filesystem, storage.root, "trials").to_pylist()
-              if t["status"] == "completed" and t["checkpoint"] and (not args.trial or t["trial"] in args.trial)]
-    if not trials:
-        raise UsageError(f"no completed trial to certify in {args.experiment}")
+    try:
+        trials = select_trials(completed_sources(storage, args.experiment), args.trial, args.experiment)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     groups: Dict[tuple, list] = {}
     for t in trials:
-        spec = json.loads(t["config"])
+        spec = t.spec
         trained = spec.get("defense_config", {})
         sigma = args.sigma if args.sigma is not None else trained.get("sigma")
         noise = args.noise or trained.get("noise", "gaussian")
         if sigma is None:
-            raise UsageError(f"trial {t['trial']} ({spec['defense']}) has no training sigma: give --sigma")
-        groups.setdefault((float(sigma), noise), []).append(ModelSource(t["trial"], spec,
-                                                                        checkpoint=t["checkpoint"]))
+            raise UsageError(f"trial {t.trial} ({spec['defense']}) has no training sigma: give --sigma")
+        groups.setdefault((float(sigma), noise), []).append(t)
     try:
         plans = []
         for (sigma, noise), sources in groups.items():

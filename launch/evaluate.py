@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -97,11 +96,10 @@ def _external_source(args, storage):
 
 def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     """Validate everything (attacks, trials, checkpoints) without Ray; raises UsageError."""
-    from cluster.evaluation import EvalSettings, ModelSource, load_model
+    from cluster.evaluation import EvalSettings, completed_sources, load_model, select_trials
     from cluster.storage import Storage
     from robust.evaluation.protocol import PROTOCOLS
     from robust.evaluation.suite import parse_attacks
-    from robust.results.schema import read_kind
     from robust.spec import TrialSpec, load_splits
 
     if args.protocol not in PROTOCOLS:
@@ -115,19 +113,14 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     if args.model_factory:
         sources = [_external_source(args, storage)]
     else:
-        if storage.filesystem.get_file_info(f"{root}/data/trials").type.name != "Directory":
-            raise UsageError(f"no experiment at {args.experiment}: data/trials/ not found "
-                             "(use --model-factory for a model trained elsewhere)")
-        trials = [t for t in read_kind(storage.filesystem, root, "trials").to_pylist()
-                  if t["status"] == "completed" and t["checkpoint"]]
-        known = {t["trial"] for t in trials}
-        unknown = [t for t in args.trial if t not in known]
-        if unknown:
-            raise UsageError(f"unknown trial {unknown[0]!r}; completed trials: {', '.join(sorted(known))}")
-        sources = [ModelSource(t["trial"], json.loads(t["config"]), checkpoint=t["checkpoint"])
-                   for t in trials if not args.trial or t["trial"] in args.trial]
-        if not sources:
-            raise UsageError(f"no completed trial with a checkpoint in {args.experiment}")
+        try:
+            completed = completed_sources(storage, args.experiment)
+        except ValueError as err:
+            raise UsageError(f"{err} (use --model-factory for a model trained elsewhere)") from None
+        try:
+            sources = select_trials(completed, args.trial, args.experiment)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     names = _attack_names(args)
     try:
         settings = EvalSettings(attacks=tuple(names), protocol=args.protocol, votes=args.votes,
@@ -143,7 +136,7 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         except (RuntimeError, ImportError, AttributeError, OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise UsageError(f"cannot load the model of {source.trial}: {first}") from None
-    transfer = _transfer_plan(args, storage, sources, trials if not args.model_factory else [])
+    transfer = _transfer_plan(args, storage, sources, completed if not args.model_factory else [])
     if transfer is not None:
         source = transfer["models"][-1]  # the external source, if any, was appended last
         if source.factory:
@@ -185,12 +178,11 @@ def _transfer_plan(args: argparse.Namespace, storage, targets, trials) -> Option
             models.append(source)
             plan = from_source(source, targets)
         else:
-            known = {t["trial"]: t for t in trials}
+            known = {t.trial: t for t in trials}
             if args.transfer_from not in known:
                 raise UsageError(f"unknown source trial {args.transfer_from!r}; completed trials: "
                                  f"{', '.join(sorted(known))}")
-            row = known[args.transfer_from]
-            source = ModelSource(row["trial"], json.loads(row["config"]), checkpoint=row["checkpoint"])
+            source = known[args.transfer_from]
             models = [m for m in models if m.trial != source.trial] + [source]
             plan = from_source(source, targets)
     except (ValueError, OSError) as err:

@@ -16,7 +16,6 @@ validated before Ray starts; bad input exits 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -46,10 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     """Validate everything (scores, settings, trials) without Ray; raises UsageError."""
-    from cluster.evaluation import ModelSource
+    from cluster.evaluation import completed_sources, select_trials
     from cluster.scores import ScoreSettings
     from cluster.storage import Storage
-    from robust.results.schema import read_kind
     from robust.scores import check_scores
     from robust.scores.autoencoder import AutoencoderConfig
     from robust.scores.r4 import R4Config
@@ -73,18 +71,10 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     except ValueError as err:
         raise UsageError(str(err)) from None
     root = storage.root
-    if storage.filesystem.get_file_info(f"{root}/data/trials").type.name != "Directory":
-        raise UsageError(f"no experiment at {location}: data/trials/ not found")
-    trials = [t for t in read_kind(storage.filesystem, root, "trials").to_pylist()
-              if t["status"] == "completed" and t["checkpoint"]]
-    known = {t["trial"] for t in trials}
-    unknown = [t for t in args.trial if t not in known]
-    if unknown:
-        raise UsageError(f"unknown trial {unknown[0]!r}; completed trials: {', '.join(sorted(known))}")
-    sources = [ModelSource(t["trial"], json.loads(t["config"]), checkpoint=t["checkpoint"])
-               for t in trials if not args.trial or t["trial"] in args.trial]
-    if not sources:
-        raise UsageError(f"no completed trial with a checkpoint in {location}")
+    try:
+        sources = select_trials(completed_sources(storage, location), args.trial, location)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return {"storage": storage, "root": root, "sources": sources, "settings": settings, "location": location}
 
 

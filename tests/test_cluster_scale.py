@@ -20,7 +20,7 @@ import yaml
 from launch_probe import probe
 from s3_server import free_port, s3_server
 
-from cluster.storage import Storage, StorageError
+from cluster.storage import Storage
 from cluster.sync import SyncError, sync_experiment
 from robust.results.schema import read_kind
 

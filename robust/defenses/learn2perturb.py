@@ -217,6 +217,19 @@ def harmonic_tau(epoch: int, warmup_epochs: int) -> float:
     return sum(1.0 / i for i in range(1, epoch - warmup_epochs + 1))
 
 
+def check_adversarial_mix(name: str, cfg: Any) -> None:
+    """Validate the settings the noise defenses share: the equation-11 weights alpha and
+    beta, the training PGD (eps, step_size, steps) and the EOT-PGD selection metric."""
+    if not (cfg.alpha >= 0 and cfg.beta >= 0 and cfg.alpha + cfg.beta > 0):
+        raise ValueError(f"{name} alpha and beta must be >= 0 and not both 0, got {cfg.alpha}, {cfg.beta}")
+    if not (cfg.eps > 0 and cfg.step_size > 0):
+        raise ValueError(f"{name} eps and step_size must be > 0, got {cfg.eps}, {cfg.step_size}")
+    for key in ("steps", "val_examples", "val_eot_steps", "val_eot_samples"):
+        value = getattr(cfg, key)
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} {key} must be an integer >= 1, got {value}")
+
+
 @dataclass
 class Learn2PerturbConfig:
     """gamma: regulariser weight (equation 7; 1e-4, A.4); theta_init: theta_0;
@@ -257,14 +270,7 @@ class Learn2PerturbConfig:
         if isinstance(self.warmup_epochs, bool) or int(self.warmup_epochs) != self.warmup_epochs \
                 or self.warmup_epochs < 0:
             raise ValueError(f"{name} warmup_epochs must be an integer >= 0, got {self.warmup_epochs}")
-        if not (self.alpha >= 0 and self.beta >= 0 and self.alpha + self.beta > 0):
-            raise ValueError(f"{name} alpha and beta must be >= 0 and not both 0, got {self.alpha}, {self.beta}")
-        if not (self.eps > 0 and self.step_size > 0):
-            raise ValueError(f"{name} eps and step_size must be > 0, got {self.eps}, {self.step_size}")
-        for key in ("steps", "val_examples", "val_eot_steps", "val_eot_samples"):
-            value = getattr(self, key)
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} {key} must be an integer >= 1, got {value}")
+        check_adversarial_mix(name, self)
 
 
 @DEFENSES.register("learn2perturb")

@@ -39,6 +39,7 @@ from robust.defenses.learn2perturb import (
     NOISE_KEY,
     PAPER_STEP_FRACTION,
     InjectedNoise,
+    check_adversarial_mix,
     eot_pgd_accuracy,
     mixed_adversarial_loss,
     noise_generator,
@@ -116,14 +117,7 @@ class PNIConfig:
                              f"{', '.join(GRANULARITIES)}")
         if not self.scale_init >= 0:
             raise ValueError(f"pni scale_init must be >= 0, got {self.scale_init}")
-        if not (self.alpha >= 0 and self.beta >= 0 and self.alpha + self.beta > 0):
-            raise ValueError(f"pni alpha and beta must be >= 0 and not both 0, got {self.alpha}, {self.beta}")
-        if not (self.eps > 0 and self.step_size > 0):
-            raise ValueError(f"pni eps and step_size must be > 0, got {self.eps}, {self.step_size}")
-        for key in ("steps", "val_examples", "val_eot_steps", "val_eot_samples"):
-            value = getattr(self, key)
-            if int(value) != value or value < 1:
-                raise ValueError(f"pni {key} must be an integer >= 1, got {value}")
+        check_adversarial_mix("pni", self)
 
 
 @DEFENSES.register("pni")

@@ -11,36 +11,26 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from robust.defenses.learn2perturb import NOISE_KEY
+from robust.results.epochs import epoch_metric_curves
 from robust.results.summary import save_line_plot
 
 
 def noise_curves(fs: pafs.FileSystem, root: str) -> List[dict]:
     """One dict per trial that logged noise scales: trial, defense, epochs, mean (over all
     scales) and layers ({layer: values per epoch}), epochs ascending."""
-    base = f"{root}/data/train"
-    if fs.get_file_info(base).type != pafs.FileType.Directory:
-        return []
     curves = []
-    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+    for c in epoch_metric_curves(fs, root, NOISE_KEY + "*"):
+        if NOISE_KEY not in c["metrics"]:
             continue
-        with fs.open_input_file(info.path) as f:
-            table = pq.read_table(f)
-        if NOISE_KEY not in table.column_names:
-            continue
-        parts = dict(p.split("=", 1) for p in info.path.split("/") if "=" in p)
-        rows = sorted(table.to_pylist(), key=lambda r: r["epoch"])
-        layers = [c for c in table.column_names if c.startswith(NOISE_KEY + "/")]
         curves.append({
-            "trial": parts.get("trial", info.path), "defense": parts.get("defense", ""),
-            "epochs": [int(r["epoch"]) for r in rows],
-            "mean": [float(r[NOISE_KEY]) for r in rows],
-            "layers": {c[len(NOISE_KEY) + 1:]: [float(r[c]) for r in rows] for c in layers},
+            "trial": c["trial"], "defense": c["defense"], "epochs": c["epochs"],
+            "mean": c["metrics"][NOISE_KEY],
+            "layers": {k[len(NOISE_KEY) + 1:]: v for k, v in c["metrics"].items()
+                       if k.startswith(NOISE_KEY + "/")},
         })
-    return sorted(curves, key=lambda c: (c["defense"], c["trial"]))
+    return curves
 
 
 def plot_noise(curves: Sequence[dict], path: str, names: Dict[str, str], per_layer: bool = False) -> None:
