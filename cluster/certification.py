@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from cluster.evaluation import ModelSource, cpu_slots, load_model
+from cluster.records import node_name
 from cluster.storage import Storage
 from robust.certify import ABSTAIN, BOUNDS, Certificate, Smooth, certify_from_counts
 from robust.device import default_device
@@ -85,10 +86,10 @@ class CertifyWorker:
         if job.certify:
             cert = smooth.certify(x, s.n0, s.n, s.confidence, image_id=int(index), radius=s.radius,
                                   early_stop=True)
-            return job, cert, time.perf_counter() - started
+            return job, cert, time.perf_counter() - started, node_name()
         stream = "select" if job.first_chunk < 0 else "estimate"
         counts = smooth.sample_counts(x, job.num_samples, int(index), max(job.first_chunk, 0), stream)
-        return job, counts, time.perf_counter() - started
+        return job, counts, time.perf_counter() - started, node_name()
 
 
 def plan_count_jobs(trial: str, positions: Sequence[int], settings: CertifySettings) -> List[CountJob]:
@@ -120,17 +121,18 @@ def certificate_from_parts(parts: Dict[int, np.ndarray], settings: CertifySettin
                                settings.noise)
 
 
-def certificate_rows(certs: Sequence[Tuple[int, int, Certificate, float]], spec: TrialSpec, shard: int,
+def certificate_rows(certs: Sequence[Tuple[int, int, Certificate, float, str]], spec: TrialSpec, shard: int,
                      settings: CertifySettings) -> pa.Table:
-    """Per-example rows: (example, label, certificate, seconds) -> the certify table."""
+    """Per-example rows: (example, label, certificate, seconds, nodes) -> the certify table;
+    ``nodes`` names the Ray nodes whose actors drew the image's samples."""
     rows = []
-    for example, label, cert, seconds in certs:
+    for example, label, cert, seconds, nodes in certs:
         row = {"example": example, "label": label, "prediction": cert.prediction,
                "abstain": cert.prediction == ABSTAIN, "correct": cert.prediction == label,
                "p1_lower": cert.p1_lower, "p2_upper": cert.p2_upper, "n": cert.n, "n0": cert.n0,
                "confidence": cert.confidence, "noise": cert.noise,  # sigma: in the path
                "seconds": seconds, "samples_used": cert.samples_used,
-               "config_id": spec.config_id(), "seed": spec.seed, "shard": shard}
+               "config_id": spec.config_id(), "seed": spec.seed, "shard": shard, "node": nodes}
         row.update({f"radius_{b}": float(cert.radius[b]) for b in BOUNDS[settings.noise]})
         rows.append(row)
     return pa.Table.from_pylist(rows)
@@ -168,6 +170,7 @@ def run_certification(sources: Sequence[ModelSource], settings: CertifySettings,
                                                max_task_retries=0)
     parts: Dict[Tuple[str, int], Dict[int, np.ndarray]] = {}
     seconds: Dict[Tuple[str, int], float] = {}
+    nodes: Dict[Tuple[str, int], set] = {}
     certs: Dict[Tuple[str, int], Certificate] = {}
     expected = {}
     for job in jobs:
@@ -178,12 +181,13 @@ def run_certification(sources: Sequence[ModelSource], settings: CertifySettings,
                   TimeElapsedColumn()) as progress:
         bar = progress.add_task(f"certifying (sigma {settings.sigma}, n {settings.n})",
                                 total=len(expected))
-        for job, (_, result, spent) in run_jobs(
+        for job, (_, result, spent, node) in run_jobs(
                 lambda: Worker.remote(storage, settings), jobs, lambda a, j: a.run.remote(j, by_trial[j.trial]),
                 min(actors, cpu_slots()), storage, root,
                 describe=lambda j: f"certification trial={j.trial} example={j.position} chunk={j.first_chunk}"):
             key = (job.trial, job.position)
             seconds[key] = seconds.get(key, 0.0) + spent
+            nodes.setdefault(key, set()).add(node)
             if job.certify:
                 certs[key] = result
             else:
@@ -192,12 +196,12 @@ def run_certification(sources: Sequence[ModelSource], settings: CertifySettings,
                     certs[key] = certificate_from_parts(parts.pop(key), settings)
             if key in certs:
                 progress.update(bar, advance=1)
-                written += _write_if_complete(key, pending_shards, shard_of, certs, seconds, labels, specs,
-                                              settings, storage, root)
+                written += _write_if_complete(key, pending_shards, shard_of, certs, seconds, nodes, labels,
+                                              specs, settings, storage, root)
     return written
 
 
-def _write_if_complete(key, pending_shards, shard_of, certs, seconds, labels, specs, settings, storage,
+def _write_if_complete(key, pending_shards, shard_of, certs, seconds, nodes, labels, specs, settings, storage,
                        root) -> int:
     trial, shard = key[0], shard_of[key]
     members = pending_shards[(trial, shard)]
@@ -207,7 +211,8 @@ def _write_if_complete(key, pending_shards, shard_of, certs, seconds, labels, sp
     rows = []
     for p in members:
         _, y, index = split[p]
-        rows.append((int(index), int(y), certs[(trial, p)], seconds[(trial, p)]))
+        rows.append((int(index), int(y), certs[(trial, p)], seconds[(trial, p)],
+                     ",".join(sorted(nodes[(trial, p)]))))
     spec = specs[trial]
     table = certificate_rows(rows, spec, shard, settings)
     write_table(storage.filesystem, certify_path(root, spec.defense, trial, settings.sigma, shard), table,
