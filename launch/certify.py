@@ -33,7 +33,8 @@ def build_parser():
     p.add_argument("--split", type=int, default=1, help="split one image's samples over this many jobs")
     p.add_argument("--radius", type=float, help="requested radius for --early-stop")
     p.add_argument("--early-stop", action="store_true", help="stop sampling an image once decided")
-    p.add_argument("--chunk", type=int, help="noisy copies per forward pass (default: 64 on CPU, 1000 on GPU)")
+    p.add_argument("--chunk", type=int, help="noisy copies per forward pass (default: by input size on CPU, "
+                   "64 for 3x32x32 to 400 for 8x8; 1000 on GPU)")
     p.add_argument("--trial", action="append", default=[], help="certify only this trial (repeatable)")
     p.add_argument("--actors", type=int, help="actors (default: one per CPU, 4 per GPU)")
     p.add_argument("--endpoint", help="S3-compatible endpoint URL")
@@ -46,7 +47,10 @@ def resolve(args) -> Dict[str, Any]:
     from cluster.evaluation import completed_sources, select_trials
     from cluster.storage import Storage
     from robust.certify import CERTIFY_PRESETS
-    from robust.certify.smooth import check_confidence, check_noise, check_sample_sizes
+    import torch
+
+    from robust.certify.smooth import check_confidence, check_noise, check_sample_sizes, default_chunk
+    from robust.data import DATASETS
 
     if args.preset not in CERTIFY_PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; valid choices: {', '.join(CERTIFY_PRESETS)}")
@@ -73,15 +77,17 @@ def resolve(args) -> Dict[str, Any]:
         noise = args.noise or trained.get("noise", "gaussian")
         if sigma is None:
             raise UsageError(f"trial {t.trial} ({spec['defense']}) has no training sigma: give --sigma")
-        groups.setdefault((float(sigma), noise), []).append(t)
+        ds = DATASETS.get(spec["dataset"])
+        chunk = args.chunk or default_chunk(torch.device("cpu"), ds.in_channels * ds.image_size ** 2)
+        groups.setdefault((float(sigma), noise, chunk), []).append(t)
     try:
         plans = []
-        for (sigma, noise), sources in groups.items():
+        for (sigma, noise, chunk), sources in groups.items():
             check_noise(noise, sigma)
             check_confidence(preset["confidence"])
             check_sample_sizes(preset["n0"], preset["n"])
             plans.append((CertifySettings(sigma=sigma, noise=noise, n0=preset["n0"], n=preset["n"],
-                                          confidence=preset["confidence"], chunk=args.chunk or 64,
+                                          confidence=preset["confidence"], chunk=chunk,
                                           skip=args.skip, max_examples=args.max_examples, split=args.split,
                                           radius=args.radius, early_stop=args.early_stop), sources))
     except ValueError as err:

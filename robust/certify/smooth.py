@@ -286,19 +286,26 @@ def certified_accuracy(
     return np.array([np.mean(correct & (certified >= r)) for r in radii])
 
 
-def default_chunk(device: torch.device) -> int:
+def default_chunk(device: torch.device, input_numel: Optional[int] = None) -> int:
     """Noisy copies per forward pass when ``Smooth`` is given no ``chunk``.
 
-    CPU: 64, measured on the project's 2-core CPU (AMD EPYC, torch 2.14, two
+    CPU, measured on the project's 2-core CPU (AMD EPYC, torch 2.14, two
     threads) for small-cnn, timing noise + forward + argmax + bincount,
     median of interleaved runs, relative to the fastest batch:
       3x32x32:  32: 0.98   64: 1.00 (~2,000/s)  128: 0.62  256: 0.62  400: 0.52  1000: 0.53
       1x8x8:    32: 0.78   64: 0.82  128: 0.87  256: 0.94  400: 1.00 (~30,000/s)  1000: 0.63
-    64 is the fastest on CIFAR-sized inputs and at most ~20% off on 8x8 digits.
+    The best batch shrinks as inputs grow, so with ``input_numel`` (C*H*W) known
+    the CPU chunk interpolates between the two measured optima,
+    64 * sqrt(3072 / input_numel) clamped to [32, 400] (3x32x32: 64; 1x28x28:
+    about 128; 1x8x8: 400); without it, 64, the CIFAR-size optimum.
     CUDA: 1000 (Cohen et al. certify with batches of 400-1000 on a GPU; not
     measured here).
     """
-    return 1000 if device.type == "cuda" else 64
+    if device.type == "cuda":
+        return 1000
+    if not input_numel:
+        return 64
+    return int(min(400, max(32, round(64 * math.sqrt(3072 / input_numel)))))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -336,9 +343,10 @@ class Smooth:
             N(0, sigma^2 I), or the scale lambda of i.i.d. Laplace noise
             (density exp(-|z| / lambda) / (2 lambda)).
         noise: "gaussian" (l2 certificates) or "laplace" (l1, STN Theorem 3).
-        chunk: noisy copies per forward pass (default ``default_chunk``).  It
-            also fixes the chunk boundaries that seeds attach to, so two
-            ``Smooth`` objects give the same counts only with the same chunk.
+        chunk: noisy copies per forward pass (default ``default_chunk``, sized
+            by ``input_shape`` when given).  It also fixes the chunk boundaries
+            that seeds attach to, so two ``Smooth`` objects give the same counts
+            only with the same chunk.
         seed: base seed; chunk c of image ``image_id`` uses
             ``derive_seed(seed, image_id, c)`` (estimation stream) and
             separate streams for selection and ``predict``.
@@ -359,6 +367,7 @@ class Smooth:
         noise: str = "gaussian",
         chunk: Optional[int] = None,
         seed: int = 0,
+        input_shape: Optional[Tuple[int, ...]] = None,
     ) -> None:
         check_noise(noise, sigma)
         if num_classes < 2:
@@ -370,7 +379,8 @@ class Smooth:
         self.sigma = float(sigma)
         self.noise = noise
         self.device = _model_device(model)
-        self.chunk = int(chunk) if chunk is not None else default_chunk(self.device)
+        numel = math.prod(input_shape) if input_shape else None
+        self.chunk = int(chunk) if chunk is not None else default_chunk(self.device, numel)
         self.seed = seed
 
     def _noise(self, shape: Tuple[int, ...], generator: torch.Generator) -> Tensor:

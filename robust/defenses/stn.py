@@ -143,7 +143,7 @@ class StabilityTrainingWithNoise(Defense):
         cfg = self.config
         bound = "renyi" if cfg.noise == "gaussian" else "laplace"
         smooth = Smooth(module, num_classes=_num_classes(module, split, device), sigma=cfg.sigma,
-                        noise=cfg.noise, seed=seed)
+                        noise=cfg.noise, seed=seed, input_shape=tuple(split.images.shape[1:]))
         positions = range(min(cfg.val_examples, len(split)))
         certified = 0
         for p in positions:
