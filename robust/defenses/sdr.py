@@ -42,9 +42,12 @@ paper leaves open, and ours:
   (``schedule=None``); set ``schedule`` to force it on or off.
 * sigma_init (the paper gives none): 0.01 for every weight, small beside the
   He-initialised weight scale of every registry model (0.03-0.2), then clamped.
-* SDR-Decay's beta, zeta, tau: the paper gives none.  beta = 0.05, zeta = 0.7
-  follow an example run of Frazier-Logue & Hanson's SDR code; tau = 100 steps
-  is ours (the paper adds tau "to avoid over shrinkage").
+* SDR-Decay's beta, zeta, tau: the paper gives none.  zeta = 0.7 follows an
+  example run of Frazier-Logue & Hanson's SDR code; tau = 100 steps is ours (the
+  paper adds tau "to avoid over shrinkage"); beta = 0.01, just below that code's
+  example runs (0.02-0.2): with beta = 0.05, the smoke setup (small-cnn on digits,
+  4 epochs of Adam) ended at 35% validation accuracy, sigma outgrowing the
+  decay, against 88% at beta = 0.01 (97% for SDR-Learnable).
 
 Prediction: a single sampled pass is the paper's prediction (section 4.3.2,
 "we only perform a single pass of inference"); the evaluation protocol reports
@@ -99,7 +102,7 @@ class SDRConfig:
     variant: str = "learnable"
     sigma_init: float = 0.01
     per_example: bool = False
-    beta: float = 0.05
+    beta: float = 0.01
     zeta: float = 0.7
     tau: int = 100
     sigma_min: float = 0.0
