@@ -21,7 +21,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -30,45 +29,21 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from robust.defenses import create_defense  # noqa: E402
-from robust.defenses.base import TrainStep  # noqa: E402
 from robust.models import create_model  # noqa: E402
 from robust.train.config import TrainConfig  # noqa: E402
 from robust.train.loop import build_optimizer  # noqa: E402
+from step_timing import interleaved, step_timer  # noqa: E402
 
 TARGET = 1.15
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _runner(defense_name: str, config: dict, batch: int, device: torch.device):
+def _timer(defense_name: str, config: dict, batch: int, device: torch.device):
     torch.manual_seed(0)
     defense = create_defense(defense_name, **config)
     model = defense.prepare_model(create_model("resnet20")).to(device).train()
     cfg = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    optimizer = build_optimizer(defense.param_groups(model), cfg)
-    x = torch.rand(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    index = torch.arange(batch)
-    generator = torch.Generator(device=device).manual_seed(0)
-    counter = [0]
-
-    def steps(n: int) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(n):
-            out = defense.loss(TrainStep(model, model, x, y, index, 1, generator))
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            counter[0] += 1
-            defense.after_step(model, optimizer, counter[0])
-        _sync(device)
-        return (time.perf_counter() - start) / n
-
-    return steps
+    return step_timer(defense, model, build_optimizer(defense.param_groups(model), cfg), batch, (3, 32, 32),
+                      device)
 
 
 def main() -> None:
@@ -81,16 +56,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    plain = _runner("standard", {}, args.batch, device)
-    l2p = _runner("learn2perturb", {"alpha": 1.0, "beta": 0.0}, args.batch, device)
-    plain(3), l2p(3)  # warm-up
-    times = {"standard": [], "learn2perturb": []}
-    ratios = []
-    for run in range(args.runs):
-        order = (("standard", plain), ("learn2perturb", l2p))
-        for key, fn in (order if run % 2 == 0 else order[::-1]):
-            times[key].append(fn(args.steps))
-        ratios.append(times["learn2perturb"][-1] / times["standard"][-1])
+    times = interleaved({"standard": _timer("standard", {}, args.batch, device),
+                         "learn2perturb": _timer("learn2perturb", {"alpha": 1.0, "beta": 0.0}, args.batch, device)},
+                        args.runs, args.steps, warmup=3)
+    ratios = [b / a for a, b in zip(times["standard"], times["learn2perturb"])]
     a, b = statistics.median(times["standard"]), statistics.median(times["learn2perturb"])
     print(f"# Learn2Perturb step (no adversarial training) vs standard step: resnet20, batch {args.batch}, "
           f"{platform.machine()}, {device}, {args.threads} threads, torch {torch.__version__}, "

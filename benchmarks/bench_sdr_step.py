@@ -18,47 +18,22 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 
 from robust.defenses import create_defense
-from robust.defenses.base import TrainStep
 from robust.models import create_model
+from step_timing import interleaved, step_timer
 
 CASES = (("mlp3", 1, 28), ("resnet20", 3, 32))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _runner(name: str, channels: int, size: int, defense_name: str, batch: int, device: torch.device):
+def _timer(name: str, channels: int, size: int, defense_name: str, batch: int, device: torch.device):
     torch.manual_seed(0)
     defense = create_defense(defense_name)
     model = defense.prepare_model(create_model(name, in_channels=channels, image_size=size)).to(device).train()
     optimizer = torch.optim.Adam(defense.param_groups(model), lr=1e-3)
-    x = torch.rand(batch, channels, size, size, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    index = torch.arange(batch)
-    generator = torch.Generator(device=device).manual_seed(0)
-    counter = [0]
-
-    def steps(n: int) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(n):
-            out = defense.loss(TrainStep(model, model, x, y, index, 1, generator))
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            counter[0] += 1
-            defense.after_step(model, optimizer, counter[0])
-        _sync(device)
-        return (time.perf_counter() - start) / n
-
-    return steps
+    return step_timer(defense, model, optimizer, batch, (channels, size, size), device)
 
 
 def main() -> None:
@@ -78,14 +53,9 @@ def main() -> None:
     print("| model | standard [ms/step] | sdr learnable [ms/step] | ratio |")
     print("|---|---|---|---|")
     for name, channels, size in [c for c in CASES if c[0] in args.models.split(",")]:
-        plain = _runner(name, channels, size, "standard", args.batch, device)
-        sdr = _runner(name, channels, size, "sdr", args.batch, device)
-        plain(2), sdr(2)  # warm-up
-        times = {"standard": [], "sdr": []}
-        for run in range(args.runs):
-            order = (("standard", plain), ("sdr", sdr)) if run % 2 == 0 else (("sdr", sdr), ("standard", plain))
-            for key, fn in order:
-                times[key].append(fn(args.steps))
+        times = interleaved({"standard": _timer(name, channels, size, "standard", args.batch, device),
+                             "sdr": _timer(name, channels, size, "sdr", args.batch, device)},
+                            args.runs, args.steps, warmup=2)
         a, b = statistics.median(times["standard"]), statistics.median(times["sdr"])
         print(f"| {name} | {1e3 * a:.2f} | {1e3 * b:.2f} | {b / a:.2f}x |")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, List, Optional
 
-from cluster.cli import OneLineParser, UsageError
+from cluster.cli import OneLineParser, UsageError, parse_and_resolve
 
 
 def build_parser():
@@ -96,12 +96,7 @@ def resolve(args) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        r = resolve(args)
-    except (UsageError, ValueError) as err:
-        parser.error(str(err))
+    args, r = parse_and_resolve(build_parser(), resolve, argv)
 
     import dataclasses
 

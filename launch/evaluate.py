@@ -33,7 +33,7 @@ import hashlib
 import sys
 from typing import Any, Dict, List, Optional
 
-from cluster.cli import OneLineParser, UsageError
+from cluster.cli import OneLineParser, UsageError, parse_and_resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,12 +191,7 @@ def _transfer_plan(args: argparse.Namespace, storage, targets, trials) -> Option
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        r = resolve(args)
-    except (UsageError, ValueError) as err:
-        parser.error(str(err))
+    args, r = parse_and_resolve(build_parser(), resolve, argv)
 
     from cluster.experiment import evaluate_sources, init_ray
     from cluster.records import write_trial_row

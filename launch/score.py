@@ -19,7 +19,7 @@ import argparse
 import sys
 from typing import Any, Dict, List, Optional
 
-from cluster.cli import OneLineParser, UsageError
+from cluster.cli import OneLineParser, UsageError, parse_and_resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +79,7 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        r = resolve(args)
-    except (UsageError, ValueError) as err:
-        parser.error(str(err))
+    args, r = parse_and_resolve(build_parser(), resolve, argv)
 
     from cluster.experiment import init_ray
     from cluster.scores import run_scoring

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from robust.models import create_model
 from robust.train import TrainConfig
@@ -19,3 +20,14 @@ def quick_config(**overrides) -> TrainConfig:
     base = dict(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0,
                 schedule="constant", val_attack_steps=3)
     return TrainConfig(**{**base, **overrides})
+
+
+class Quantized(nn.Module):
+    """Gradient masking: inputs rounded to steps of 1/levels, so every input gradient is exactly zero."""
+
+    def __init__(self, model: nn.Module, levels: int = 4) -> None:
+        super().__init__()
+        self.model, self.levels = model, levels
+
+    def forward(self, x):
+        return self.model(torch.round(x * self.levels) / self.levels)

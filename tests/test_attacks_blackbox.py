@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 from torch import nn
+from helpers import Quantized
 
 from cluster.evaluation import EvalSettings, ModelSource, flag_inputs
 from cluster.records import STATE_FILE
@@ -67,17 +68,6 @@ class NoGradients(nn.Module):
 
     def forward(self, x):
         return self.model(_RaisingGrad.apply(x))
-
-
-class Quantized(nn.Module):
-    """Gradient masking: inputs rounded to 1/8 steps, so the input gradient is exactly zero."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(torch.round(x * 8) / 8)
 
 
 # --- the attacks --------------------------------------------------------------------------------
@@ -192,7 +182,7 @@ def _flags(model, digits, names):
 @pytest.mark.timeout(240)
 def test_boundary_beating_pgd_flags_a_gradient_masked_model(trained_digits_model, digits):
     names = ["fgsm", "pgd-l2-10", "boundary:steps=300"]  # both at the default L2 budget 0.5
-    masked, inputs = _flags(Quantized(trained_digits_model), digits, names)
+    masked, inputs = _flags(Quantized(trained_digits_model, levels=8), digits, names)
     bb, white, wb = inputs["black_box"]["boundary:steps=300"]
     assert white == "pgd-l2-10" and bb < wb
     assert masked["black-box-stronger-than-white-box"].tripped

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 from torch import nn
+from helpers import Quantized
 
 from cluster.evaluation import flag_inputs
 from robust.attacks import create_attack
@@ -74,17 +75,6 @@ class LinearK(nn.Module):
             w = (self.weight[y][:, None, :] - self.weight[None]).norm(dim=2)  # (N, K)
             dist = (gap / w.clamp_min(1e-12)).scatter(1, y[:, None], float("inf"))
             return dist.min(1)
-
-
-class Quantized(nn.Module):
-    """Masked gradients: rounding the input makes every input gradient zero."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(torch.round(x * 4) / 4)
 
 
 class NoBackward(nn.Module):

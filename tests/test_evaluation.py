@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from helpers import Quantized
 
 from robust.attacks import create_attack
 from robust.attacks.pgd import PGD
@@ -42,17 +43,6 @@ class NoisyInput(nn.Module):
 
     def forward(self, x):
         return self.model(x + self.sigma * torch.randn_like(x))
-
-
-class Quantized(nn.Module):
-    """Masked gradients: rounding the input makes every input gradient zero."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(torch.round(x * 4) / 4)
 
 
 class Softmaxed(nn.Module):
