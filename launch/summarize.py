@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from cluster.storage import Storage
-    from robust.results import summary
+    from robust.results import summary, tables
 
     summaries, curves, certified, names, transfers = [], [], [], {}, []
     try:
@@ -73,9 +73,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             for t in s.trials:
                 names[t.trial] = f"{experiment}/{s.defense} {s.description} seed {t.seed}"
         curves.extend(summary.curve_points(storage.filesystem, storage.root))
-        certified.extend(summary.certified_curves(storage.filesystem, storage.root))
+        certified.extend(tables.certified_curves(storage.filesystem, storage.root))
         minimal.extend(summary.minimal_norm_points(storage.filesystem, storage.root))
-        scores.extend(summary.score_summaries(storage.filesystem, storage.root))
+        scores.extend(tables.score_summaries(storage.filesystem, storage.root))
         transfers.append((path, storage.filesystem, storage.root))
     if not summaries:
         return 1
@@ -99,27 +99,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             _emit(args.format, f"Minimal-norm attacks ({norm}): success [%] overall and within each budget, "
                   "median distance (examples correct when clean)", header, rows)
     for path, fs, root in transfers:
-        header, rows = summary.transfer_rows(fs, root, names)
+        header, rows = tables.transfer_rows(fs, root, names)
         if rows:
             _emit(args.format, f"Transfer attacks: target accuracy [%] on examples crafted on the source ({path})",
                   header, rows)
     if scores:
         _emit(args.format, "Robustness scores (Tibo et al.): mean R2 margin and the attack closest to the "
-              "boundary (Table 2), mean R4", *summary.score_rows(scores, names))
+              "boundary (Table 2), mean R4", *tables.score_rows(scores, names))
     if args.plot_margins:
         if not any(s["r2"] for s in scores):
             print("no R2 scores to plot (run launch/score.py --scores r2)", file=sys.stderr)
             return 1
-        summary.plot_margin_curves(scores, args.plot_margins, names)
+        tables.plot_margin_curves(scores, args.plot_margins, names)
         print(f"wrote {args.plot_margins}")
     if certified:
         _emit(args.format, "Certified accuracy [%] at radius (not abstained, correct, radius >= r)",
-              *summary.certified_rows(certified, names))
+              *tables.certified_rows(certified, names))
     if args.plot_certified:
         if not certified:
             print("no certification results to plot (run launch/certify.py)", file=sys.stderr)
             return 1
-        summary.plot_certified(certified, args.plot_certified, names)
+        tables.plot_certified(certified, args.plot_certified, names)
         print(f"wrote {args.plot_certified}")
     if args.plot_noise:
         from robust.results.noise import noise_curves, plot_noise

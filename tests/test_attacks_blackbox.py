@@ -23,7 +23,7 @@ from robust.evaluation.protocol import attack_for_model, evaluate_shard, perturb
 from robust.evaluation.suite import parse_attack, parse_attacks
 from robust.evaluation.transfer import classify_on_target, craft_batches
 from robust.results.schema import read_kind
-from robust.results.summary import transfer_rows
+from robust.results.tables import transfer_rows
 from robust.spec import TrialSpec
 
 CPU = torch.device("cpu")

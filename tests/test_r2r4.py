@@ -198,7 +198,7 @@ def test_sharded_scoring_over_ray_writes_each_shard_once(ray_local, tmp_path, tr
     from cluster.scores import ScoreSettings, run_scoring, score_shard
     from cluster.storage import Storage
     from robust.results.schema import read_kind
-    from robust.results.summary import score_summaries
+    from robust.results.tables import score_summaries
     from robust.spec import TrialSpec, load_splits
 
     spec = TrialSpec(defense="standard", dataset="digits", model="small-cnn", seed=0)
