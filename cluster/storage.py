@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 from urllib.parse import urlparse
 
@@ -59,8 +60,9 @@ class Storage:
     def endpoint_url(self) -> Optional[str]:
         return self.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
 
-    @property
+    @cached_property
     def filesystem(self) -> pafs.FileSystem:
+        """The filesystem, built once per Storage (an S3 client is not free to create)."""
         return self.make_filesystem()
 
     def make_filesystem(self, attempts: int = 5, timeout_s: Optional[float] = None) -> pafs.FileSystem:
