@@ -177,7 +177,7 @@ class GradientAttack(Attack):
         remaining = self.eot_samples
         while remaining > 0:
             copies = min(copies_per_pass, remaining)
-            xs = fast_layout(x.repeat(copies, *([1] * (x.dim() - 1)))) if copies > 1 else x
+            xs = torch.cat([x] * copies) if copies > 1 else x  # keeps x's (fast) layout: one copy
             ys = y.repeat(copies) if copies > 1 else y
             losses = loss_fn(model(xs), ys).float()
             grad += torch.autograd.grad(losses.sum(), x)[0]
