@@ -31,3 +31,17 @@ class Quantized(nn.Module):
 
     def forward(self, x):
         return self.model(torch.round(x * self.levels) / self.levels)
+
+
+def fgsm_band_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """The smallest eps on a grid at which FGSM accuracy on (x, y) lies in [20%, 80%]: the
+    regime where stronger attacks can be told apart (None when no grid value gets there)."""
+    from robust.attacks import create_attack
+
+    for eps in (0.05, 0.075, 0.1, 0.15, 0.2, 0.3):
+        x_adv = create_attack("fgsm", eps=eps)(model, x, y)
+        with torch.no_grad():
+            acc = (model(x_adv).argmax(1) == y).float().mean().item()
+        if 0.2 <= acc <= 0.8:
+            return eps
+    return None

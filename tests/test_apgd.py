@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import fgsm_band_eps
 
 from robust.attacks import attack_names, create_attack
 from robust.attacks.apgd import APGD, checkpoints, dlr_loss
@@ -22,11 +23,10 @@ def batch(digits):
 @pytest.fixture(scope="module")
 def eps_in_band(trained_digits_model, batch):
     """The smallest eps on a grid at which FGSM accuracy falls in [20%, 80%]."""
-    model, (x, y) = trained_digits_model, batch
-    for eps in (0.05, 0.075, 0.1, 0.15, 0.2, 0.3):
-        if 0.2 <= _accuracy(model, create_attack("fgsm", eps=eps)(model, x, y), y) <= 0.8:
-            return eps
-    pytest.fail("no eps on the grid puts FGSM accuracy between 20% and 80%")
+    eps = fgsm_band_eps(trained_digits_model, *batch)
+    if eps is None:
+        pytest.fail("no eps on the grid puts FGSM accuracy between 20% and 80%")
+    return eps
 
 
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr"])

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 from torch import nn
-from helpers import Quantized
+from helpers import Quantized, fgsm_band_eps
 
 from cluster.evaluation import flag_inputs
 from robust.attacks import create_attack
@@ -47,11 +47,10 @@ def batch(trained_digits_model, digits):
 @pytest.fixture(scope="module")
 def eps_in_band(trained_digits_model, batch):
     """The smallest eps on a grid at which FGSM accuracy falls in [20%, 80%]."""
-    model, (x, y) = trained_digits_model, batch
-    for eps in (0.05, 0.075, 0.1, 0.15, 0.2, 0.3):
-        if 0.2 <= _accuracy(model, create_attack("fgsm", eps=eps)(model, x, y), y) <= 0.8:
-            return eps
-    pytest.fail("no eps on the grid puts FGSM accuracy between 20% and 80%")
+    eps = fgsm_band_eps(trained_digits_model, *batch)
+    if eps is None:
+        pytest.fail("no eps on the grid puts FGSM accuracy between 20% and 80%")
+    return eps
 
 
 class LinearK(nn.Module):

@@ -217,29 +217,40 @@ def harmonic_tau(epoch: int, warmup_epochs: int) -> float:
     return sum(1.0 / i for i in range(1, epoch - warmup_epochs + 1))
 
 
-def check_adversarial_mix(name: str, cfg: Any) -> None:
-    """Validate the settings the noise defenses share: the equation-11 weights alpha and
-    beta, the training PGD (eps, step_size, steps) and the EOT-PGD selection metric."""
-    if not (cfg.alpha >= 0 and cfg.beta >= 0 and cfg.alpha + cfg.beta > 0):
-        raise ValueError(f"{name} alpha and beta must be >= 0 and not both 0, got {cfg.alpha}, {cfg.beta}")
-    if not (cfg.eps > 0 and cfg.step_size > 0):
-        raise ValueError(f"{name} eps and step_size must be > 0, got {cfg.eps}, {cfg.step_size}")
-    for key in ("steps", "val_examples", "val_eot_steps", "val_eot_samples"):
-        value = getattr(cfg, key)
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} {key} must be an integer >= 1, got {value}")
+@dataclass
+class AdversarialMixConfig:
+    """What the noise-injection defenses share: alpha, beta: clean and adversarial loss
+    weights (0.5 each, equation 11); eps, step_size, steps: the training PGD (8/255,
+    0.01, 7; section 4.2); val_examples, val_eot_steps, val_eot_samples: the selection
+    metric ``val_eot_pgd_acc`` (EOT-PGD on the validation split; the paper evaluates
+    with 80 samples per step, section 4.5; a small budget ranks trials)."""
+
+    alpha: float = 0.5
+    beta: float = 0.5
+    eps: float = 8 / 255
+    step_size: float = 0.01
+    steps: int = 7
+    val_examples: int = 200
+    val_eot_steps: int = 10
+    val_eot_samples: int = 8
+
+    def check_mix(self, name: str) -> None:
+        if not (self.alpha >= 0 and self.beta >= 0 and self.alpha + self.beta > 0):
+            raise ValueError(f"{name} alpha and beta must be >= 0 and not both 0, got {self.alpha}, {self.beta}")
+        if not (self.eps > 0 and self.step_size > 0):
+            raise ValueError(f"{name} eps and step_size must be > 0, got {self.eps}, {self.step_size}")
+        for key in ("steps", "val_examples", "val_eot_steps", "val_eot_samples"):
+            value = getattr(self, key)
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} {key} must be an integer >= 1, got {value}")
 
 
 @dataclass
-class Learn2PerturbConfig:
+class Learn2PerturbConfig(AdversarialMixConfig):
     """gamma: regulariser weight (equation 7; 1e-4, A.4); theta_init: theta_0;
     theta_min: lower bound of theta (Algorithm 1); warmup_epochs: epochs without
     noise before the alternating updates start (20 in the paper, section 3.3);
-    alpha, beta: clean and adversarial loss weights (0.5 each, equation 11);
-    eps, step_size, steps: the training PGD (8/255, 0.01, 7; section 4.2).
-    val_examples, val_eot_steps, val_eot_samples: the selection metric
-    ``val_eot_pgd_acc`` (EOT-PGD on the validation split; the paper evaluates
-    with 80 samples per step, section 4.5; a small budget ranks trials)."""
+    and the shared settings of :class:`AdversarialMixConfig`."""
 
     gamma: float = 1e-4
     # theta_0: 0.25 in the authors' public code, for ResNets whose batch norms keep
@@ -250,14 +261,6 @@ class Learn2PerturbConfig:
     theta_init: float = 0.05
     theta_min: float = 0.01
     warmup_epochs: int = 0
-    alpha: float = 0.5
-    beta: float = 0.5
-    eps: float = 8 / 255
-    step_size: float = 0.01
-    steps: int = 7
-    val_examples: int = 200
-    val_eot_steps: int = 10
-    val_eot_samples: int = 8
 
     def __post_init__(self) -> None:
         name = "learn2perturb"
@@ -270,7 +273,7 @@ class Learn2PerturbConfig:
         if isinstance(self.warmup_epochs, bool) or int(self.warmup_epochs) != self.warmup_epochs \
                 or self.warmup_epochs < 0:
             raise ValueError(f"{name} warmup_epochs must be an integer >= 0, got {self.warmup_epochs}")
-        check_adversarial_mix(name, self)
+        self.check_mix(name)
 
 
 @DEFENSES.register("learn2perturb")

@@ -38,8 +38,8 @@ from robust.defenses.base import BatchLoss, Defense, TrainStep
 from robust.defenses.learn2perturb import (
     NOISE_KEY,
     PAPER_STEP_FRACTION,
+    AdversarialMixConfig,
     InjectedNoise,
-    check_adversarial_mix,
     eot_pgd_accuracy,
     mixed_adversarial_loss,
     noise_generator,
@@ -94,22 +94,13 @@ def insert_weight_noise(model: nn.Module, granularity: str, scale_init: float) -
 
 
 @dataclass
-class PNIConfig:
+class PNIConfig(AdversarialMixConfig):
     """granularity: one scale per 'layer' (PNI's default), 'channel' or 'element';
-    scale_init: initial scale a (0.25, PNI); alpha, beta: clean and adversarial loss
-    weights (0.5 each); eps, step_size, steps: the training PGD (8/255, 0.01, 7);
-    val_examples, val_eot_steps, val_eot_samples: the selection metric ``val_eot_pgd_acc``."""
+    scale_init: initial scale a (0.25, PNI); and the shared settings of
+    :class:`AdversarialMixConfig` (alpha, beta, the training PGD, the selection metric)."""
 
     granularity: str = "layer"
     scale_init: float = 0.25
-    alpha: float = 0.5
-    beta: float = 0.5
-    eps: float = 8 / 255
-    step_size: float = 0.01
-    steps: int = 7
-    val_examples: int = 200
-    val_eot_steps: int = 10
-    val_eot_samples: int = 8
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -117,7 +108,7 @@ class PNIConfig:
                              f"{', '.join(GRANULARITIES)}")
         if not self.scale_init >= 0:
             raise ValueError(f"pni scale_init must be >= 0, got {self.scale_init}")
-        check_adversarial_mix("pni", self)
+        self.check_mix("pni")
 
 
 @DEFENSES.register("pni")
