@@ -63,6 +63,7 @@ from robust.attacks.pgd import PGD
 from robust.data.base import ImageSplit
 from robust.defenses import DEFENSES
 from robust.defenses.base import BatchLoss, Defense, TrainStep
+from robust.native.noise import add_feature_noise
 from robust.seeding import derive_seed
 
 #: PGD step of the paper's adversarial training relative to eps: 0.01 at 8/255 (section 4.2).
@@ -97,8 +98,7 @@ class FeatureNoise(InjectedNoise, nn.Module):
         if not self.enabled:
             return h
         theta = self.theta if self.learn_from_loss else self.theta.detach()
-        noise = torch.randn(h.shape, generator=self.generator, device=h.device, dtype=h.dtype)
-        return torch.addcmul(h, theta, noise)  # one fused kernel: h + theta * noise
+        return add_feature_noise(h, theta, self.generator)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.theta.shape)}, learn_from_loss={self.learn_from_loss}"
