@@ -47,7 +47,11 @@ Choices where the paper is silent or ambiguous (all documented in the report):
 * PGD step: 0.01 at eps = 8/255 (section 4.2), i.e. 0.31875 * eps for other budgets.
 * Noise draws from the generator the loop hands to the loss while training (and
   while the training PGD runs), so training is reproducible from the seed; at
-  inference from torch's global RNG, which the evaluation protocol seeds.
+  inference from torch's global RNG, which the evaluation protocol seeds.  On the
+  CPU (float32) the values come from the native counter-based kernels
+  (``robust.native.noise``: Philox4x32-10 keyed by one draw from that generator,
+  fused with the injection, regenerated in backward instead of stored); elsewhere
+  from ``torch.randn``.  Both are N(0, 1) per element; the streams differ.
 """
 from __future__ import annotations
 
