@@ -148,7 +148,13 @@ def test_one_openmp_runtime_in_the_process():
         pytest.skip("no /proc/self/maps")
     with open("/proc/self/maps", encoding="utf-8") as f:
         paths = {line.split()[-1] for line in f if "libgomp" in line}
-    assert len(paths) <= 1, paths
+    # other packages may bring runtimes of their own under hashed names (scikit-learn's
+    # libgomp-<hash>.so.1); the soname libgomp.so.1 must be mapped once, from PyTorch
+    plain = {p for p in paths if os.path.basename(p).startswith("libgomp.so")}
+    assert len(plain) == 1, paths
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    if any(p.startswith(torch_dir) for p in paths):
+        assert all(p.startswith(torch_dir) for p in plain), paths
 
 
 def test_disabled_kernels_fall_back_to_torch(monkeypatch):
