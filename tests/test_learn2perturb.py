@@ -197,6 +197,23 @@ def test_two_forward_passes_differ_and_the_same_seed_reproduces_them(digits, def
     assert is_stochastic(module, x)
 
 
+def test_theta_gets_gradients_in_training_passes_only(digits):
+    """Attacks and evaluation run in eval mode: the noise stays, theta is a constant there."""
+    defense = create_defense("learn2perturb", eps_data=digits.eps)
+    module = defense.prepare_model(_model(digits))
+    x, y = digits.test.batch(torch.arange(8))[:2]
+    module.eval()
+    xa = x.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(module(xa), y).backward()
+    assert xa.grad is not None and xa.grad.abs().sum() > 0
+    assert all(t.grad is None for t in defense.thetas())
+    with torch.no_grad():
+        assert not torch.equal(module(x), module(x))  # noise still drawn in eval mode
+    module.train()
+    torch.nn.functional.cross_entropy(module(x), y).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in defense.thetas())
+
+
 @pytest.mark.parametrize("model_name,blocks,post_activation", [
     ("resnet20", 9, True), ("preact-resnet18", 8, False), ("wrn-16-4", 6, False)])
 def test_noise_sits_at_every_block_output_before_the_final_activation(digits, model_name, blocks,

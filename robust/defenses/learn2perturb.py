@@ -90,6 +90,8 @@ class FeatureNoise(InjectedNoise, nn.Module):
         theta_init: theta_0; learn_from_loss: False detaches theta in the forward
         pass (Learn2Perturb-R: the classification loss does not update theta).
     Shape: (N, *shape) -> (N, *shape).  ``enabled`` False passes h through (warm-up).
+    In eval mode theta is detached too: noise is still drawn, but no pass outside
+    training carries a gradient to theta.
     """
 
     def __init__(self, shape: Sequence[int], theta_init: float, learn_from_loss: bool = True) -> None:
@@ -101,7 +103,9 @@ class FeatureNoise(InjectedNoise, nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         if not self.enabled:
             return h
-        theta = self.theta if self.learn_from_loss else self.theta.detach()
+        # theta learns in training passes only: in eval mode (attacks, evaluation, the
+        # training PGD) it is a constant, so input gradients do not also pay for d/d theta.
+        theta = self.theta if (self.learn_from_loss and self.training) else self.theta.detach()
         return add_feature_noise(h, theta, self.generator)
 
     def extra_repr(self) -> str:
