@@ -189,3 +189,15 @@ def test_build_is_cached_and_written_atomically(monkeypatch, tmp_path):
     assert native._build() == first and first.stat().st_mtime_ns == stamp
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".build-")]
     assert leftovers == []
+
+
+def test_an_unusable_home_builds_in_the_temp_directory(monkeypatch, tmp_path):
+    home = tmp_path / "home-is-a-file"   # no folder can be made under it, even by root
+    home.write_text("")
+    monkeypatch.delenv("ROBUST_NATIVE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    root = native._cache_root()
+    assert root.parent == tmp_path / "tmp"
+    first = native._build()
+    assert first.is_relative_to(root) and first.exists()

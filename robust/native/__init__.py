@@ -60,8 +60,19 @@ def _cpu_flags() -> str:
 
 
 def _cache_root() -> Path:
+    """``$ROBUST_NATIVE_CACHE``, else ``~/.cache/robust-runner/native``, else (a home that
+    cannot be written, as on some cluster images) a folder in the system's temp directory."""
     root = os.environ.get("ROBUST_NATIVE_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "robust-runner" / "native"
+    if root:
+        return Path(root)
+    home = Path.home() / ".cache" / "robust-runner" / "native"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"robust-runner-native-{os.getuid()}"
 
 
 def _compile(compiler: str, flags: tuple, target: Path) -> None:
