@@ -2,8 +2,8 @@
 
 A step runs the real code path of the training loop: ``defense.loss`` with a
 seeded generator, ``backward``, ``optimizer.step`` and ``defense.after_step``,
-on one fixed random batch.  Kinds are timed alternately within each repetition
-(the order flips every repetition) so that machine noise hits all of them.
+on one fixed random batch.  Kinds are timed alternately, step by step, within each
+repetition (the order flips every step) so that machine noise hits all of them.
 """
 from __future__ import annotations
 
@@ -48,12 +48,21 @@ def step_timer(defense: Defense, model: nn.Module, optimizer: torch.optim.Optimi
 
 def interleaved(timers: Dict[str, Callable[[int], float]], runs: int, steps: int,
                 warmup: int) -> Dict[str, List[float]]:
-    """Seconds per step of every timer in each of ``runs`` repetitions, after ``warmup`` steps."""
+    """Seconds per step of every timer in each of ``runs`` repetitions, after ``warmup`` steps.
+
+    Within a repetition the kinds alternate step by step (the order flipping every
+    step), so a slow stretch of the machine lands on all kinds rather than on the
+    one whose block of steps it overlapped.
+    """
     for timer in timers.values():
         timer(warmup)
     order = list(timers)
     times: Dict[str, List[float]] = {k: [] for k in order}
-    for run in range(runs):
-        for key in (order if run % 2 == 0 else order[::-1]):
-            times[key].append(timers[key](steps))
+    for _ in range(runs):
+        total = dict.fromkeys(order, 0.0)
+        for step in range(steps):
+            for key in (order if step % 2 == 0 else order[::-1]):
+                total[key] += timers[key](1)
+        for key in order:
+            times[key].append(total[key] / steps)
     return times
