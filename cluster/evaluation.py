@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -119,7 +120,8 @@ def evaluate_job(job: ShardJob, source: ModelSource, settings: EvalSettings, sto
         table = pa.table({**cols, "config_id": [spec.config_id()] * n, "seed": [spec.seed] * n,
                           "shard": [job.shard] * n, "node": [node_name()] * n}, schema=ATTACK_SCHEMA)
         write_table(storage.filesystem, attack_path(root, spec.defense, job.trial, label, job.shard), table,
-                    file_metadata({**spec.to_dict(), "evaluation": settings.__dict__}))
+                    {**file_metadata({**spec.to_dict(), "evaluation": settings.__dict__}),
+                     POSITIONS_KEY: f"{job.start}-{job.stop}"})
     return job.stop - job.start
 
 
@@ -145,7 +147,13 @@ def labels_of(settings: EvalSettings, eps_data: float) -> List[str]:
 
 def plan_jobs(sources: Sequence[ModelSource], settings: EvalSettings, storage: Storage, root: str,
               test_sizes: Dict[str, int], eps_data: Dict[str, float]) -> List[ShardJob]:
-    """The (model, shard) jobs whose result files are not all there yet."""
+    """The (model, shard) jobs whose result files are not all there yet, or hold another
+    range of examples (a shard written as the short last shard of a run with a smaller
+    ``max_examples`` is evaluated again, whole, and its files replaced).
+
+    Raises ValueError where written shards start elsewhere than planned (the shard size
+    changed): re-planning them would leave the old files' examples in twice.
+    """
     fs = storage.filesystem
     jobs = []
     for source in sources:
@@ -155,9 +163,37 @@ def plan_jobs(sources: Sequence[ModelSource], settings: EvalSettings, storage: S
         for shard, positions in enumerate(shard_positions(n, settings.shard_size)):
             paths = [attack_path(root, spec.defense, source.trial, label, shard) for label in labels]
             if all(info.is_file for info in fs.get_file_info(paths)):
-                continue
+                written = {_written_range(fs, path) for path in paths} - {None}
+                if written <= {(positions.start, positions.stop)}:
+                    continue
+                # a short shard may grow only where the next written shard starts at its new end
+                following = [attack_path(root, spec.defense, source.trial, label, shard + 1) for label in labels]
+                following = [p for p, info in zip(following, fs.get_file_info(following)) if info.is_file]
+                moved = sorted(r for r in written if r[0] != positions.start)
+                moved += sorted(r for r in {_written_range(fs, p) for p in following} - {None}
+                                if r[0] < positions.stop)
+                if moved:
+                    raise ValueError(
+                        f"trial {source.trial}: examples {moved[0][0]}-{moved[0][1] - 1} were written as one "
+                        f"shard, which shard size {settings.shard_size} cannot extend (shard {shard} is "
+                        f"{positions.start}-{positions.stop - 1} now); evaluate with the shard size of the "
+                        f"earlier run (--shard-size) or into a fresh copy of the experiment")
             jobs.append(ShardJob(source.trial, shard, positions.start, positions.stop))
     return jobs
+
+
+#: File metadata key of the example positions [start, stop) a shard's files hold.
+POSITIONS_KEY = "positions"
+
+
+def _written_range(fs, path: str) -> Optional[Tuple[int, int]]:
+    """[start, stop) recorded in a shard file's footer; None for files written before it was."""
+    meta = pq.read_schema(path, filesystem=fs).metadata or {}
+    value = meta.get(POSITIONS_KEY.encode())
+    if value is None:
+        return None
+    start, stop = (int(v) for v in value.decode().split("-"))
+    return start, stop
 
 
 def cpu_slots() -> int:

@@ -96,7 +96,7 @@ def _external_source(args, storage):
 
 def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     """Validate everything (attacks, trials, checkpoints) without Ray; raises UsageError."""
-    from cluster.evaluation import EvalSettings, completed_sources, load_model, select_trials
+    from cluster.evaluation import EvalSettings, completed_sources, load_model, plan_jobs, select_trials
     from cluster.storage import Storage
     from robust.evaluation.protocol import PROTOCOLS
     from robust.evaluation.suite import parse_attacks
@@ -128,14 +128,20 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
                                 max_examples=args.max_examples)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    sizes, eps = {}, {}
     for source in sources:
         splits = load_splits(TrialSpec.from_dict(source.spec))
         parse_attacks(names, splits.eps)
+        sizes[source.trial], eps[source.trial] = len(splits.test), splits.eps
         try:
             load_model(source, storage, splits)
         except (RuntimeError, ImportError, AttributeError, OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise UsageError(f"cannot load the model of {source.trial}: {first}") from None
+    try:  # written shards that this plan cannot extend (another --shard-size) stop here, before Ray
+        plan_jobs(sources, settings, storage, root, sizes, eps)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     transfer = _transfer_plan(args, storage, sources, completed if not args.model_factory else [])
     if transfer is not None:
         source = transfer["models"][-1]  # the external source, if any, was appended last

@@ -135,3 +135,31 @@ def test_evaluate_an_external_model_end_to_end(external):
     curve = [line for line in section if ",pgd-5," in line]
     accuracies = [float(line.split(",")[3]) for line in curve]
     assert len(accuracies) == 4 and accuracies == sorted(accuracies, reverse=True)  # eps 0 .. 0.2
+
+
+def test_a_larger_max_examples_reevaluates_the_short_last_shard_and_a_new_shard_size_is_refused(
+        checkpointed, digits):
+    storage, root, source = checkpointed
+    sizes, eps = {"t0": len(digits.test)}, {"t0": digits.eps}
+    small = EvalSettings(attacks=("fgsm",), batch_size=16, shard_size=32, max_examples=10)
+    jobs = plan_jobs([source], small, storage, root, sizes, eps)
+    assert [(j.start, j.stop) for j in jobs] == [(0, 10)]
+    evaluate_job(jobs[0], source, small, storage, root)
+    assert plan_jobs([source], small, storage, root, sizes, eps) == []
+    # 40 examples: shard 0 now spans 0-31, so the 10-example shard is evaluated again, whole
+    larger = EvalSettings(attacks=("fgsm",), batch_size=16, shard_size=32, max_examples=40)
+    jobs = plan_jobs([source], larger, storage, root, sizes, eps)
+    assert [(j.start, j.stop) for j in jobs] == [(0, 32), (32, 40)]
+    for job in jobs:
+        evaluate_job(job, source, larger, storage, root)
+    table = read_kind(storage.filesystem, root, "attack")
+    for label in ("clean", "fgsm"):
+        examples = table.filter(pc.equal(table["attack"], label))["example"].to_pylist()
+        assert len(examples) == 40 and len(set(examples)) == 40, label  # each example once
+    assert plan_jobs([source], larger, storage, root, sizes, eps) == []
+    # another shard size would re-run shard 0 as 0-63 beside the written 32-39, or place
+    # shard 1 at 64-95 beside it: refused either way
+    for n in (64, 96):
+        other = EvalSettings(attacks=("fgsm",), batch_size=16, shard_size=64, max_examples=n)
+        with pytest.raises(ValueError, match="shard size 64"):
+            plan_jobs([source], other, storage, root, sizes, eps)
