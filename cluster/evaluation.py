@@ -147,8 +147,8 @@ def labels_of(settings: EvalSettings, eps_data: float) -> List[str]:
 
 def plan_jobs(sources: Sequence[ModelSource], settings: EvalSettings, storage: Storage, root: str,
               test_sizes: Dict[str, int], eps_data: Dict[str, float]) -> List[ShardJob]:
-    """The (model, shard) jobs whose result files are not all there yet, or hold another
-    range of examples (a shard written as the short last shard of a run with a smaller
+    """The (model, shard) jobs whose result files are not all there yet, or hold fewer
+    examples than planned (a shard written as the short last shard of a run with a smaller
     ``max_examples`` is evaluated again, whole, and its files replaced).
 
     Raises ValueError where written shards start elsewhere than planned (the shard size
@@ -160,40 +160,59 @@ def plan_jobs(sources: Sequence[ModelSource], settings: EvalSettings, storage: S
         spec = TrialSpec.from_dict(source.spec)
         n = min(test_sizes[source.trial], settings.max_examples or test_sizes[source.trial])
         labels = labels_of(settings, eps_data[source.trial])
+        def paths(index: int, trial: str = source.trial, defense: str = spec.defense,
+                  labels: List[str] = labels) -> List[str]:
+            return [attack_path(root, defense, trial, label, index) for label in labels]
+
         for shard, positions in enumerate(shard_positions(n, settings.shard_size)):
-            paths = [attack_path(root, spec.defense, source.trial, label, shard) for label in labels]
-            if all(info.is_file for info in fs.get_file_info(paths)):
-                written = {_written_range(fs, path) for path in paths} - {None}
-                if written <= {(positions.start, positions.stop)}:
-                    continue
-                # a short shard may grow only where the next written shard starts at its new end
-                following = [attack_path(root, spec.defense, source.trial, label, shard + 1) for label in labels]
-                following = [p for p, info in zip(following, fs.get_file_info(following)) if info.is_file]
-                moved = sorted(r for r in written if r[0] != positions.start)
-                moved += sorted(r for r in {_written_range(fs, p) for p in following} - {None}
-                                if r[0] < positions.stop)
-                if moved:
-                    raise ValueError(
-                        f"trial {source.trial}: examples {moved[0][0]}-{moved[0][1] - 1} were written as one "
-                        f"shard, which shard size {settings.shard_size} cannot extend (shard {shard} is "
-                        f"{positions.start}-{positions.stop - 1} now); evaluate with the shard size of the "
-                        f"earlier run (--shard-size) or into a fresh copy of the experiment")
-            jobs.append(ShardJob(source.trial, shard, positions.start, positions.stop))
+            if not _shard_done(fs, paths(shard), paths(shard + 1), shard, positions, test_sizes[source.trial],
+                               f"trial {source.trial}", settings.shard_size):
+                jobs.append(ShardJob(source.trial, shard, positions.start, positions.stop))
     return jobs
+
+
+def _shard_done(fs, paths: List[str], following: List[str], shard: int, positions: range, test_size: int,
+                what: str, shard_size: int) -> bool:
+    """True when every file of the shard is there and holds the planned examples (or more,
+    from the same start: nothing written is ever replaced by less).  A short shard may grow
+    only where the next written shard starts at its new end: otherwise (another shard size)
+    ValueError."""
+    if not all(info.is_file for info in fs.get_file_info(paths)):
+        return False
+    written = {_written_range(fs, path, shard, test_size) for path in paths} - {None}
+    if all(start == positions.start and stop >= positions.stop for start, stop in written):
+        return True  # the planned examples, or more of them (a run with a larger max_examples)
+    following = [p for p, info in zip(following, fs.get_file_info(following)) if info.is_file]
+    moved = sorted(r for r in written if r[0] != positions.start)
+    moved += sorted(r for r in {_written_range(fs, p, shard + 1, test_size) for p in following} - {None}
+                    if r[0] < positions.stop)
+    if moved:
+        raise ValueError(
+            f"{what}: examples {moved[0][0]}-{moved[0][1] - 1} were written as one shard, which shard size "
+            f"{shard_size} cannot extend (shard {shard} is {positions.start}-{positions.stop - 1} now); evaluate "
+            f"with the shard size of the earlier run (--shard-size) or into a fresh copy of the experiment")
+    return False
 
 
 #: File metadata key of the example positions [start, stop) a shard's files hold.
 POSITIONS_KEY = "positions"
 
 
-def _written_range(fs, path: str) -> Optional[Tuple[int, int]]:
-    """[start, stop) recorded in a shard file's footer; None for files written before it was."""
+def _written_range(fs, path: str, shard: int, test_size: int) -> Optional[Tuple[int, int]]:
+    """[start, stop) of the examples in a shard file: recorded in its footer, or (files from
+    before the range was recorded) derived from the evaluation settings in its run config;
+    None where neither is there."""
     meta = pq.read_schema(path, filesystem=fs).metadata or {}
     value = meta.get(POSITIONS_KEY.encode())
-    if value is None:
+    if value is not None:
+        start, stop = (int(v) for v in value.decode().split("-"))
+        return start, stop
+    evaluation = json.loads(meta.get(b"run_config", b"{}")).get("evaluation") or {}
+    if "shard_size" not in evaluation:
         return None
-    start, stop = (int(v) for v in value.decode().split("-"))
-    return start, stop
+    n = min(test_size, evaluation.get("max_examples") or test_size)
+    shards = shard_positions(n, int(evaluation["shard_size"]))
+    return (shards[shard].start, shards[shard].stop) if shard < len(shards) else None
 
 
 def cpu_slots() -> int:

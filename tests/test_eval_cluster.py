@@ -157,6 +157,8 @@ def test_a_larger_max_examples_reevaluates_the_short_last_shard_and_a_new_shard_
         examples = table.filter(pc.equal(table["attack"], label))["example"].to_pylist()
         assert len(examples) == 40 and len(set(examples)) == 40, label  # each example once
     assert plan_jobs([source], larger, storage, root, sizes, eps) == []
+    # fewer examples again: the written shards hold more than asked, nothing is replaced by less
+    assert plan_jobs([source], small, storage, root, sizes, eps) == []
     # another shard size would re-run shard 0 as 0-63 beside the written 32-39, or place
     # shard 1 at 64-95 beside it: refused either way
     for n in (64, 96):
