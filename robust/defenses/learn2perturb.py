@@ -48,10 +48,8 @@ Choices where the paper is silent or ambiguous (all documented in the report):
 * Noise draws from the generator the loop hands to the loss while training (and
   while the training PGD runs), so training is reproducible from the seed; at
   inference from torch's global RNG, which the evaluation protocol seeds.  On the
-  CPU (float32) the values come from the native counter-based kernels
-  (``robust.native.noise``: Philox4x32-10 keyed by one draw from that generator,
-  fused with the injection, regenerated in backward instead of stored); elsewhere
-  from ``torch.randn``.  Both are N(0, 1) per element; the streams differ.
+  CPU the values come from ``robust.native.noise`` (Philox, keyed by one draw from
+  that generator), elsewhere from ``torch.randn``: both N(0, 1), different streams.
 """
 from __future__ import annotations
 

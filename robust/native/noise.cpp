@@ -127,6 +127,22 @@ void parallel_chunks(int64_t n, int t, Body body) {
 #endif
 }
 
+// For the chunks [lo, hi): draw each chunk's noise, then call run(pos, j, m, z) on each run of
+// consecutive features in it (elements pos .. pos + m - 1 have features j .. j + m - 1, noise z[0..m)).
+template <typename Run>
+void feature_runs(uint64_t seed, int64_t lo, int64_t hi, int64_t n, int64_t f, Run run) {
+    alignas(64) float z[kChunk];
+    for (int64_t c = lo; c < hi; ++c) {
+        const int64_t start = c * kChunk, len = std::min<int64_t>(kChunk, n - start);
+        philox_chunk(seed, static_cast<uint64_t>(start / 4), z);
+        for (int64_t i = 0, j = start % f; i < len; j = 0) {
+            const int64_t m = std::min<int64_t>(len - i, f - j);
+            run(start + i, j, m, z + i);
+            i += m;
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -161,22 +177,12 @@ void robust_normal(float* out, int64_t n, uint64_t seed, int threads) {
 void robust_noise_forward(const float* h, const float* theta, float* out, int64_t n, int64_t f,
                           uint64_t seed, int threads) {
     parallel_chunks(n, thread_count(n, threads), [=](int64_t lo, int64_t hi, int) {
-        alignas(64) float z[kChunk];
-        for (int64_t c = lo; c < hi; ++c) {
-            const int64_t start = c * kChunk, len = std::min<int64_t>(kChunk, n - start);
-            philox_chunk(seed, static_cast<uint64_t>(start / 4), z);
-            // runs of consecutive features: i -> (start + i) % f without a wrap inside a run
-            for (int64_t i = 0, j = start % f; i < len;) {
-                const int64_t run = std::min<int64_t>(len - i, f - j);
-                const float* __restrict hs = h + start + i;
-                const float* __restrict ts = theta + j;
-                const float* __restrict zs = z + i;
-                float* __restrict os = out + start + i;
-                for (int64_t k = 0; k < run; ++k) os[k] = hs[k] + ts[k] * zs[k];
-                i += run;
-                j = 0;
-            }
-        }
+        feature_runs(seed, lo, hi, n, f, [=](int64_t pos, int64_t j, int64_t m, const float* __restrict zs) {
+            const float* __restrict hs = h + pos;
+            const float* __restrict ts = theta + j;
+            float* __restrict os = out + pos;
+            for (int64_t k = 0; k < m; ++k) os[k] = hs[k] + ts[k] * zs[k];
+        });
     });
 }
 
@@ -186,21 +192,12 @@ void robust_noise_grad_theta(const float* grad, float* grad_theta, int64_t n, in
     const int t = thread_count(n, threads);
     std::vector<float> partial(static_cast<size_t>(t) * f, 0.0f);
     parallel_chunks(n, t, [&](int64_t lo, int64_t hi, int k) {
-        alignas(64) float z[kChunk];
         float* acc = partial.data() + static_cast<size_t>(k) * f;
-        for (int64_t c = lo; c < hi; ++c) {
-            const int64_t start = c * kChunk, len = std::min<int64_t>(kChunk, n - start);
-            philox_chunk(seed, static_cast<uint64_t>(start / 4), z);
-            for (int64_t i = 0, j = start % f; i < len;) {
-                const int64_t run = std::min<int64_t>(len - i, f - j);
-                const float* __restrict gs = grad + start + i;
-                const float* __restrict zs = z + i;
-                float* __restrict as = acc + j;
-                for (int64_t k = 0; k < run; ++k) as[k] += gs[k] * zs[k];
-                i += run;
-                j = 0;
-            }
-        }
+        feature_runs(seed, lo, hi, n, f, [=](int64_t pos, int64_t j, int64_t m, const float* __restrict zs) {
+            const float* __restrict gs = grad + pos;
+            float* __restrict as = acc + j;
+            for (int64_t i = 0; i < m; ++i) as[i] += gs[i] * zs[i];
+        });
     });
     for (int64_t j = 0; j < f; ++j) {
         float s = 0.0f;
