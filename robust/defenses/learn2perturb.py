@@ -101,8 +101,6 @@ class FeatureNoise(InjectedNoise, nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         if not self.enabled:
             return h
-        # theta learns in training passes only: in eval mode (attacks, evaluation, the
-        # training PGD) it is a constant, so input gradients do not also pay for d/d theta.
         theta = self.theta if (self.learn_from_loss and self.training) else self.theta.detach()
         return add_feature_noise(h, theta, self.generator)
 
