@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robust.attacks import verdict
 from robust.device import fast_layout
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -166,29 +167,54 @@ class GradientAttack(Attack):
         (gradient like x, mean per-example loss over the S passes (N,)).
         Parameter gradients are never touched (``torch.autograd.grad``).
         """
+        grad, loss, _, _ = self.loss_gradient_score(model, x, y, loss_fn)
+        return grad, loss
+
+    def loss_gradient_score(self, model: nn.Module, x: Tensor, y: Tensor,
+                            loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """As :meth:`loss_and_gradient`, plus the verdict's score on the same S draws: the
+        fraction of the passes whose top-1 class is y (N,), and the S passes' mean logits.
+
+        The S copies of the batch are stacked along the batch dimension in chunks of at
+        most ``eot_chunk`` rows, but only where the model gives stacked copies distinct
+        draws (:func:`robust.attacks.verdict.copies_per_pass`): otherwise one copy per pass.
+        """
         x = fast_layout(x.detach()).requires_grad_(True)  # the gradient comes back in this layout
         n = x.shape[0]
         if self.eot_samples == 1:  # the plain gradient, without the accumulation
-            losses = loss_fn(model(x), y).float()
-            return torch.autograd.grad(losses.sum(), x)[0], losses.detach()
-        copies_per_pass = self._copies_per_pass(n, x.device, model)
+            logits = model(x)
+            losses = loss_fn(logits, y).float()
+            grad = torch.autograd.grad(losses.sum(), x)[0]
+            logits = logits.detach().float()
+            return grad, losses.detach(), (logits.argmax(1) == y).float(), logits
+        copies_per_pass = self.copies_per_pass(model, x)
         grad = torch.zeros_like(x)
         loss_sum = torch.zeros(n, device=x.device, dtype=torch.float32)
+        hits = torch.zeros(n, device=x.device, dtype=torch.float32)
+        logit_sum = None
         remaining = self.eot_samples
         while remaining > 0:
             copies = min(copies_per_pass, remaining)
             xs = torch.cat([x] * copies) if copies > 1 else x  # keeps x's (fast) layout: one copy
             ys = y.repeat(copies) if copies > 1 else y
-            losses = loss_fn(model(xs), ys).float()
+            logits = model(xs)
+            losses = loss_fn(logits, ys).float()
             grad += torch.autograd.grad(losses.sum(), x)[0]
             loss_sum += losses.detach().view(copies, n).sum(0)
+            per_copy = logits.detach().float().view(copies, n, -1)
+            hits += (per_copy.argmax(-1) == y[None]).float().sum(0)
+            logit_sum = per_copy.sum(0) if logit_sum is None else logit_sum + per_copy.sum(0)
             remaining -= copies
-        return grad / self.eot_samples, loss_sum / self.eot_samples
+        s = self.eot_samples
+        return grad / s, loss_sum / s, hits / s, logit_sum / s
 
-    def _copies_per_pass(self, batch: int, device: torch.device, model: Optional[nn.Module] = None) -> int:
-        # A model that draws its noise once per forward call (stochastic weights sampled
-        # per batch) would give every stacked copy the same draw: one copy per pass then.
-        if getattr(model, "noise_shared_in_batch", False):
-            return 1
-        chunk = self.eot_chunk if self.eot_chunk is not None else default_eot_chunk(device)
-        return max(1, min(self.eot_samples, chunk // max(batch, 1)))
+    def copies_per_pass(self, model: nn.Module, x: Tensor) -> int:
+        """Copies of the batch ``x`` one EOT forward pass stacks: within ``eot_chunk`` inputs,
+        and 1 where the model would give stacked copies one shared draw."""
+        chunk = self.eot_chunk if self.eot_chunk is not None else default_eot_chunk(x.device)
+        return verdict.copies_per_pass(model, x, self.eot_samples, chunk)
+
+    def is_stochastic(self, model: nn.Module, x: Tensor) -> bool:
+        """Whether the attacked model's forward passes differ (asked once per attack call;
+        the answer decides which rules of :mod:`robust.attacks.verdict` apply)."""
+        return verdict.is_stochastic(model, x[:1])

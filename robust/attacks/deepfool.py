@@ -133,7 +133,7 @@ class DeepFool(GradientAttack):
         logit_sum = 0.0
         remaining = self.eot_samples
         while remaining > 0:
-            copies = min(self._copies_per_pass(n, x.device, model), remaining)
+            copies = min(self.copies_per_pass(model, x), remaining)
             xs = x.repeat(copies, *([1] * (x.dim() - 1))) if copies > 1 else x
             logits = model(xs).float().view(copies, n, -1).sum(0)       # summed over the copies
             diff = logits.gather(1, classes) - logits.gather(1, y[:, None])

@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 ATTACK_SCHEMA = pa.schema([
     ("example", pa.int64()),      # stable index of the example in its source split
@@ -48,6 +48,11 @@ ATTACK_SCHEMA = pa.schema([
     ("zero_grad", pa.bool_()),    # the clean input's loss gradient is exactly zero
     ("prob_like", pa.bool_()),    # the clean outputs are in [0,1] and sum to 1
     ("distance", pa.float64()),   # ||x_adv - x|| in the attack's norm (0 for clean rows)
+    # schema 4: the verdict's counts, from which the summary recomputes every rule
+    ("draws", pa.int64()),        # R fresh draws the verdict took (1: deterministic; 0: not attacked)
+    ("draws_correct", pa.int64()),  # k of the R draws classified the row's input correctly
+    ("queries", pa.int64()),      # model queries per example of a black-box attack (null: not counted)
+    ("classifier", pa.string()),  # what was evaluated: the deployed classifier, or 'base' when asked
     ("config_id", pa.string()),
     ("seed", pa.int64()),
     ("shard", pa.int64()),
