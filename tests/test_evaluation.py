@@ -174,11 +174,16 @@ def _evaluate(model, digits, attacks, n=64, **kw):
 
 def test_cascade_attacks_only_survivors_and_agrees_with_independent(trained_digits_model, digits):
     attacks = ["fgsm", "pgd-10:random_start=False"]
-    cascade = _evaluate(trained_digits_model, digits, attacks, protocol="cascade")
+    cascade = _evaluate(trained_digits_model, digits, attacks, protocol="cascade", check_examples=0)
     independent = _evaluate(trained_digits_model, digits, attacks, protocol="independent")
     pgd = "pgd-10:random_start=False"
     fgsm_robust = cascade["fgsm"]["robust"]
     assert cascade[pgd]["attacked"] == fgsm_robust  # only the examples FGSM left correct
+    # with the check subset (the first 8 of each batch of 32), those are attacked whatever FGSM did
+    checked = _evaluate(trained_digits_model, digits, attacks, protocol="cascade", check_examples=8)
+    in_subset = [i % 32 < 8 for i in range(64)]
+    assert checked[pgd]["attacked"] == [r or s for r, s in zip(fgsm_robust, in_subset)]
+    assert checked[pgd]["robust"] == cascade[pgd]["robust"]  # the worst case does not move
     assert not all(cascade[pgd]["attacked"]) and all(independent[pgd]["attacked"])
     # the running worst case is the same whichever protocol (deterministic attacks)
     assert cascade[pgd]["robust"] == independent[pgd]["robust"]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from robust.attacks import ATTACKS
 from robust.attacks.base import GradientAttack, cross_entropy, threat_model
+from robust.attacks.verdict import better
 
 
 def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -74,6 +75,9 @@ class _Run:
     g_max: Tensor          # ... and its gradient (reused when restarting from x_max)
     x_fooled: Tensor       # the first misclassified iterate (valid where ``fooled``)
     fooled: Tensor         # bool
+    x_best: Tensor         # stochastic models: the iterate the verdict most likely counts as broken ...
+    best_score: Tensor     # ... its fraction of EOT draws classified correctly ...
+    best_loss: Tensor      # ... and its EOT loss (the tie-break)
     increases: Tensor      # steps since the last checkpoint where the loss went up
     reduced_last: Tensor   # bool: eta was halved at the last checkpoint
     f_max_last: Tensor     # f_max at the last checkpoint
@@ -94,6 +98,14 @@ class APGD(GradientAttack):
     momentum reset.  An example counts as broken at its first misclassified
     iterate, which is kept; otherwise the attack returns the iterate of highest
     loss.  Restarts run only on examples not yet broken.
+
+    On a stochastic model (forward passes differ) "misclassified" at one iterate
+    is a statement about one set of draws, and the evaluation's verdict takes
+    fresh ones (:mod:`robust.attacks.verdict`).  There the attack never freezes
+    an iterate and never stops early: every example runs every step of every
+    restart, and the attack returns, per example, the iterate with the lowest
+    fraction of its EOT draws classified correctly, ties going to the higher EOT
+    loss (so where no draw is fooled it is Algorithm 1's x_max).
 
     Choices where the paper leaves room (all per example):
       * the loss used for bookkeeping is the EOT mean over ``eot_samples``
@@ -133,9 +145,13 @@ class APGD(GradientAttack):
         w = checkpoints(steps)
         # Checkpoint iteration -> length of the window since the previous one.
         self.windows: Dict[int, int] = {w[j]: w[j] - w[j - 1] for j in range(1, len(w))}
+        self._stochastic = False  # set per call by perturb
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        self._stochastic = self.is_stochastic(model, x)
+        if self._stochastic:
+            return self._perturb_stochastic(model, x, y, generator)
         x_adv = x.clone()
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -151,26 +167,47 @@ class APGD(GradientAttack):
             fooled[todo] = fooled_run
         return x_adv
 
+    def _perturb_stochastic(self, model: nn.Module, x: Tensor, y: Tensor,
+                            generator: torch.Generator) -> Tensor:
+        """Every restart on every example; per example the best point by the verdict's rule."""
+        x_adv, score, loss = None, None, None
+        for _ in range(self.restarts):
+            run = self._full_run(model, x, y, generator)
+            if x_adv is None:
+                x_adv, score, loss = run.x_best, run.best_score, run.best_loss
+                continue
+            take = better(run.best_score, run.best_loss, score, loss)
+            x_adv = torch.where(_per_example(take, x), run.x_best, x_adv)
+            score, loss = torch.where(take, run.best_score, score), torch.where(take, run.best_loss, loss)
+        return x_adv
+
     def _run(self, model: nn.Module, x: Tensor, y: Tensor,
              generator: torch.Generator) -> Tuple[Tensor, Tensor, Tensor]:
         """One run of Algorithm 1; returns (x_adv, f_max, fooled)."""
+        run = self._full_run(model, x, y, generator)
+        x_adv = torch.where(_per_example(run.fooled, x), run.x_fooled, run.x_max)
+        return x_adv, run.f_max, run.fooled
+
+    def _full_run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> _Run:
+        """Algorithm 1's iterations; on a deterministic model they stop once every example is
+        misclassified, on a stochastic one they use the whole budget."""
         run = self._first_step(model, x, y, generator)
         for k in range(1, self.steps):
-            if bool(run.fooled.all()):
+            if not self._stochastic and bool(run.fooled.all()):
                 break
             self._observe(run, model, self._momentum_step(run, x), y, count=True)
             if k in self.windows:
                 self._halve_where_stalled(run, self.windows[k])
-        x_adv = torch.where(_per_example(run.fooled, x), run.x_fooled, run.x_max)
-        return x_adv, run.f_max, run.fooled
+        return run
 
     def _first_step(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> _Run:
         """x0 uniform in the ball, eta = 2 eps, x1 = P(x0 + eta step(grad f(x0)))."""
         x0 = self.ball.random_start(x, generator)
-        loss0, grad0, fooled0 = self._evaluate(model, x0, y)
+        loss0, grad0, fooled0, score0 = self._evaluate(model, x0, y)
         eta = torch.full_like(_per_example(loss0, x), 2.0 * self.ball.eps)
         run = _Run(x=x0, x_prev=x0, loss=loss0, grad=grad0, eta=eta,
                    x_max=x0, f_max=loss0, g_max=grad0, x_fooled=x0, fooled=fooled0,
+                   x_best=x0, best_score=score0, best_loss=loss0,
                    increases=torch.zeros_like(loss0), reduced_last=torch.zeros_like(fooled0),
                    f_max_last=loss0)
         self._observe(run, model, self.ball.project(self.ball.step(x0, grad0, eta), x), y, count=False)
@@ -184,7 +221,12 @@ class APGD(GradientAttack):
 
     def _observe(self, run: _Run, model: nn.Module, x_new: Tensor, y: Tensor, count: bool) -> None:
         """Evaluate x_{k+1}, make it the current iterate, update x_max and the broken examples."""
-        loss, grad, fooled = self._evaluate(model, x_new, y)
+        loss, grad, fooled, score = self._evaluate(model, x_new, y)
+        if self._stochastic:
+            take = better(score, loss, run.best_score, run.best_loss)
+            run.x_best = torch.where(_per_example(take, x_new), x_new, run.x_best)
+            run.best_score = torch.where(take, score, run.best_score)
+            run.best_loss = torch.where(take, loss, run.best_loss)
         if count:
             run.increases = run.increases + (loss > run.loss).float()
         improved = loss > run.f_max
@@ -210,20 +252,11 @@ class APGD(GradientAttack):
         run.reduced_last, run.f_max_last = halve, run.f_max
         run.increases = torch.zeros_like(run.increases)
 
-    def _evaluate(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """EOT loss (N,), EOT gradient, and whether the EOT-mean logits misclassify (N,).
-
-        The logits are recorded inside the loss, so no extra forward pass is needed.
-        """
-        n, logit_sums = x_adv.shape[0], []
-
-        def loss_recording_logits(logits: Tensor, ys: Tensor) -> Tensor:
-            logit_sums.append(logits.detach().float().view(-1, n, logits.shape[1]).sum(0))
-            return self.loss_fn(logits, ys)
-
-        grad, loss = self.loss_and_gradient(model, x_adv, y, loss_recording_logits)
-        fooled = torch.stack(logit_sums).sum(0).argmax(1) != y
-        return loss, grad, fooled
+    def _evaluate(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """EOT loss (N,), EOT gradient, whether the EOT-mean logits misclassify (N,), and the
+        fraction of the EOT draws that classify correctly (N,), all from the same passes."""
+        grad, loss, score, mean_logits = self.loss_gradient_score(model, x_adv, y, self.loss_fn)
+        return loss, grad, mean_logits.argmax(1) != y, score
 
 
 @ATTACKS.register("apgd-ce")

@@ -13,7 +13,9 @@ broken when it is misclassified (into any class), as in AutoAttack.
 
 Choices: the ranking of the targets uses the logits averaged over
 ``eot_samples`` passes; with fewer than ``targets + 1`` classes every other
-class is a target.
+class is a target.  On a stochastic model (see :class:`APGD`) every example
+gets every target and restart, and keeps the point with the lowest fraction of
+EOT draws classified correctly (ties: the higher targeted DLR loss).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from robust.attacks import ATTACKS
-from robust.attacks.apgd import APGD
+from robust.attacks.apgd import APGD, _per_example
+from robust.attacks.verdict import better
 
 
 def targeted_dlr_loss(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
@@ -76,6 +79,9 @@ class APGDTargeted(APGD):
         if logits.shape[1] < 4:
             raise ValueError(f"APGD-T needs at least 4 classes, got {logits.shape[1]}")
         ranking = logits.argsort(dim=1, descending=True)
+        self._stochastic = self.is_stochastic(model, x)
+        if self._stochastic:
+            return self._all_targets(model, x, y, ranking, generator)
         x_adv = x.clone()
         fooled = logits.argmax(1) != y
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
@@ -93,6 +99,24 @@ class APGDTargeted(APGD):
                 x_adv[todo[take]] = x_run[take]
                 best_loss[todo] = torch.maximum(best_loss[todo], loss_run)
                 fooled[todo] = fooled_run
+        return x_adv
+
+    def _all_targets(self, model: nn.Module, x: Tensor, y: Tensor, ranking: Tensor,
+                     generator: torch.Generator) -> Tensor:
+        """Stochastic models: every target and restart on every example, the best point kept."""
+        x_adv, score = x.clone(), torch.full((x.shape[0],), float("inf"), device=x.device)
+        loss = torch.full_like(score, float("-inf"))
+        for rank in range(1, min(self.targets, ranking.shape[1] - 1) + 1):
+            for _ in range(self.restarts):
+                self._target = ranking[:, rank]
+                try:
+                    run = self._full_run(model, x, y, generator)
+                finally:
+                    self._target = None
+                take = better(run.best_score, run.best_loss, score, loss)
+                x_adv = torch.where(_per_example(take, x), run.x_best, x_adv)
+                score = torch.where(take, run.best_score, score)
+                loss = torch.where(take, run.best_loss, loss)
         return x_adv
 
 

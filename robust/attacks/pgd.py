@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from robust.attacks import ATTACKS
 from robust.attacks.base import GradientAttack, threat_model
+from robust.attacks.verdict import better
 
 
 class PGD(GradientAttack):
@@ -18,6 +19,13 @@ class PGD(GradientAttack):
     onto the ball and [0,1].  With ``restarts`` > 1, each
     restart begins at a fresh random point and an example keeps the first
     restart that misclassifies it.
+
+    On a stochastic model (forward passes differ; :mod:`robust.attacks.verdict`)
+    one misclassified draw decides nothing: every restart runs on every example,
+    and each example keeps the point, over all iterates of all restarts, with
+    the lowest fraction of its EOT draws classified correctly (ties: the higher
+    EOT loss).  The scores come from the passes that give the gradients; the
+    last iterate of a run is evaluated once more.
 
     Args:
         eps: budget; norm: 'linf' or 'l2'; step_size: per-step size (2/255 for CIFAR-10 in the
@@ -48,6 +56,8 @@ class PGD(GradientAttack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        if self.is_stochastic(model, x):
+            return self._best_over_runs(model, x, y, generator)
         if self.restarts == 1:  # nothing to choose between: no extra forward pass
             return self._run(model, x, y, generator)
         best = self._run(model, x, y, generator)
@@ -62,6 +72,23 @@ class PGD(GradientAttack):
             take = now_fooled & ~fooled  # an example keeps the first restart that fools it
             best[take] = x_adv[take]
             fooled |= now_fooled
+        return best
+
+    def _best_over_runs(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        """Stochastic models: per example the best iterate of every restart by the verdict's rule."""
+        best = x.clone()
+        score = torch.full((x.shape[0],), float("inf"), device=x.device)
+        loss = torch.full_like(score, float("-inf"))
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        for _ in range(self.restarts):
+            x_adv = self.ball.random_start(x, generator) if self.random_start else x.clone()
+            for step in range(self.steps + 1):
+                grad, loss_now, score_now, _ = self.loss_gradient_score(model, x_adv, y, self.loss_fn)
+                take = better(score_now, loss_now, score, loss)
+                best = torch.where(take.view(shape), x_adv, best)
+                score, loss = torch.where(take, score_now, score), torch.where(take, loss_now, loss)
+                if step < self.steps:
+                    x_adv = self.ball.project(self.ball.step(x_adv, grad, self.step_size), x)
         return best
 
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
