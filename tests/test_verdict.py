@@ -1,0 +1,182 @@
+"""The verdict on stochastic models (issue 14, sections 1-3): EOT averages distinct draws for
+every model, registered or external; attacks on stochastic models are never weaker with EOT
+than without; the verdict's draws are a stream of their own."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import small_model
+from torch import nn
+
+from robust.attacks import verdict
+from robust.attacks.base import GradientAttack, cross_entropy
+from robust.data import create_dataset
+from robust.defenses import create_defense, defense_names
+from robust.evaluation.protocol import CLEAN, evaluate_shard, judge
+from robust.evaluation.suite import parse_attacks
+
+CPU = torch.device("cpu")
+#: Defenses whose deployed model must come out stochastic (the test is not vacuous).
+KNOWN_STOCHASTIC = {"learn2perturb", "learn2perturb-r", "pni", "sdr", "dropconnect"}
+
+
+class BatchSharedNoise(nn.Module):
+    """An external randomized model that draws ONE weight perturbation per forward call."""
+
+    def __init__(self, model: nn.Module, sigma: float = 0.5) -> None:
+        super().__init__()
+        self.model, self.sigma = model, sigma
+
+    def forward(self, x):
+        shift = self.sigma * torch.randn(1, device=x.device)  # shared by the whole batch
+        return self.model(x) * (1 + shift)
+
+
+class PerExampleNoise(nn.Module):
+    """An external randomized model with independent input noise per example."""
+
+    def __init__(self, model: nn.Module, sigma: float = 0.3) -> None:
+        super().__init__()
+        self.model, self.sigma = model, sigma
+
+    def forward(self, x):
+        return self.model(x + self.sigma * torch.randn_like(x))
+
+
+class Recorder(nn.Module):
+    """Passes through, keeping every forward call's outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x):
+        out = self.model(x)
+        self.calls.append(out.detach().clone())
+        return out
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return create_dataset("digits")
+
+
+def _stochastic_models(digits):
+    """(name, eval-mode model) for every registered defense whose model is stochastic, and two
+    external ones."""
+    x, _, _ = digits.test.batch(torch.arange(4))
+    out = []
+    for name in defense_names():
+        model = create_defense(name, eps_data=digits.eps).prepare_model(small_model(digits)).eval()
+        if verdict.is_stochastic(model, x):
+            out.append((name, model))
+    out.append(("external-batch-shared", BatchSharedNoise(small_model(digits)).eval()))
+    out.append(("external-per-example", PerExampleNoise(small_model(digits)).eval()))
+    return out
+
+
+def test_every_known_randomized_defense_is_detected_as_stochastic(digits):
+    names = {name for name, _ in _stochastic_models(digits)}
+    assert KNOWN_STOCHASTIC <= names
+
+
+def test_stacked_eot_copies_never_share_a_draw(digits):
+    """With eot_chunk large enough to stack every copy, the S copies of one input within an
+    EOT gradient are S distinct draws, for every stochastic model."""
+    x, y, _ = digits.test.batch(torch.arange(2))
+    s = 8
+    for name, model in _stochastic_models(digits):
+        recorder = Recorder(model)
+        attack = GradientAttack(eot_samples=s, eot_chunk=10_000)
+        attack.copies_per_pass(recorder, x)  # the probe (cached per model object)
+        recorder.calls.clear()
+        attack.input_gradient(recorder, x, y)
+        rows = torch.cat([c.view(-1, 2, c.shape[-1])[:, 0] for c in recorder.calls])  # example 0's draws
+        assert rows.shape[0] == s, name
+        same = (rows[:, None] == rows[None]).all(-1)
+        same.fill_diagonal_(False)
+        assert not bool(same.any()), f"{name}: stacked EOT copies shared a draw"
+
+
+def test_batch_shared_noise_falls_back_to_one_copy_per_pass(digits):
+    x, _, _ = digits.test.batch(torch.arange(2))
+    shared = BatchSharedNoise(small_model(digits)).eval()
+    per_example = PerExampleNoise(small_model(digits)).eval()
+    attack = GradientAttack(eot_samples=8, eot_chunk=10_000)
+    assert attack.copies_per_pass(shared, x) == 1
+    assert attack.copies_per_pass(per_example, x) == 8
+    assert attack.copies_per_pass(small_model(digits).eval(), x) == 8  # deterministic: stacking is harmless
+
+
+def test_eot_gradient_spread_shrinks_as_one_over_sqrt_s(digits):
+    """The EOT gradient averages S independent draws: its spread over repeated calls at S = 4 is
+    about twice the spread at S = 16 (1/sqrt(S)); one shared draw would leave it unchanged."""
+    x, y, _ = digits.test.batch(torch.arange(2))
+    torch.manual_seed(0)
+    for name, model in _stochastic_models(digits):
+        spreads = {}
+        for s in (4, 16):
+            attack = GradientAttack(eot_samples=s, eot_chunk=10_000)
+            grads = torch.stack([attack.input_gradient(model, x, y) for _ in range(10)])
+            spreads[s] = grads.std(0).mean().item()
+        ratio = spreads[4] / spreads[16]
+        assert 1.4 < ratio < 2.9, f"{name}: spread ratio {ratio:.2f} at S = 4 vs 16 (expected about 2)"
+
+
+def test_the_verdict_draws_a_stream_of_its_own(digits):
+    """judge() takes its R draws from its seed, leaves the attacks' stream where it was, and
+    the same seed gives the same counts."""
+    x, y, _ = digits.test.batch(torch.arange(16))
+    model = PerExampleNoise(small_model(digits), sigma=0.5).eval()
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    a = judge(model, x, y, votes=10, stochastic=True, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = judge(model, x, y, votes=10, stochastic=True, seed=7)
+    c = judge(model, x, y, votes=10, stochastic=True, seed=8)
+    assert torch.equal(a.correct, b.correct) and a.draws == 10
+    assert not torch.equal(torch.stack([a.single, a.vote]), torch.stack([c.single, c.vote])) or \
+        not torch.equal(a.correct, c.correct)
+    assert int(a.correct.max()) <= 10 and int(a.correct.min()) >= 0
+
+
+def _trained(name, digits):
+    from helpers import quick_config
+
+    from robust.train import fit
+
+    defense = create_defense(name, eps_data=digits.eps)
+    module, _ = fit(small_model(digits), defense, digits, quick_config(epochs=1), seed=0, device=CPU)
+    return module.eval()
+
+
+def _accuracy(rows, label):
+    """Mean over examples of min(clean score, attack score) and the per-example scores."""
+    def scores(lab):
+        r = rows[lab]
+        return [k / d if d else 0.0 for k, d in zip(r["draws_correct"], r["draws"])]
+    clean, attacked = scores(CLEAN), scores(label)
+    per = [min(c, a) for c, a in zip(clean, attacked)]
+    return sum(per) / len(per), per
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_STOCHASTIC))
+def test_eot_attacks_are_never_weaker_than_without_eot(name, digits):
+    """On every registered stochastic defense (trained briefly), PGD and APGD with EOT leave at
+    most the accuracy of the same attack without EOT, beyond a paired 95% interval."""
+    model = _trained(name, digits)
+    eps = 0.1
+    attacks = ["pgd-5:eot_samples=1", "pgd-5:eot_samples=8",
+               "apgd-ce:steps=8,eot_samples=1", "apgd-ce:steps=8,eot_samples=8"]
+    specs = parse_attacks(attacks, eps)
+    rows = evaluate_shard(model, digits.test, range(48), specs, eps, CPU, seed=0, batch_size=48,
+                          votes=10, large_eps_examples=0, check_examples=0)
+    assert all(rows[CLEAN]["stochastic"])
+    labels = [spec.label for spec in specs]
+    for plain, eot in (labels[:2], labels[2:]):
+        acc_plain, per_plain = _accuracy(rows, plain)
+        acc_eot, per_eot = _accuracy(rows, eot)
+        diffs = torch.tensor([e - p for e, p in zip(per_eot, per_plain)], dtype=torch.float64)
+        half_width = 1.96 * diffs.std().item() / len(diffs) ** 0.5
+        assert acc_eot <= acc_plain + half_width + 1e-9, \
+            f"{name}: {eot} {100 * acc_eot:.1f}% > {plain} {100 * acc_plain:.1f}% (+-{100 * half_width:.1f})"
