@@ -2,11 +2,12 @@
 """Print paper-style tables from one or more experiments' results.
 
     python launch/summarize.py results/<experiment> [more experiments ...] [--format table|markdown|csv]
+    python launch/summarize.py results/<experiment> --radii 0.1,0.3   # certified accuracy at these radii too
 
 Reads only the Parquet files (locally or from s3://bucket/prefix/<experiment>):
 per defense and configuration, accuracy clean and under each attack as
-mean +- std over seeds, and the best seed's whole row (best by the validation
-PGD accuracy).  Several experiments print side by side, e.g. a defense next to
+mean +- std over seeds, and the best seed's whole row (best by the defense's
+own selection metric on the validation split, named in the table).  Several experiments print side by side, e.g. a defense next to
 its baselines.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--budgets", action="append", default=[], metavar="NORM=B1,B2,...",
                         help="budgets at which to show minimal-norm attacks' success, e.g. l2=0.5,1 "
                         "(repeatable; default per norm: robust.results.summary.MINIMAL_NORM_BUDGETS)")
+    parser.add_argument("--radii", metavar="R1,R2,...",
+                        help="also show certified accuracy at these radii (besides 0, 0.25, 0.5, 0.75, 1)")
     parser.add_argument("--plot-margins", metavar="PNG", help="write R2 margin curves (areas in the legend) here")
     parser.add_argument("--plot-noise", metavar="PNG", help="write the learned noise scales per epoch "
                         "(learn2perturb, pni: Learn2Perturb Figure 4) to this file")
@@ -56,6 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     summaries, curves, certified, names, transfers = [], [], [], {}, []
     try:
         budgets = summary.parse_budgets(args.budgets)
+        radii = tables.with_default_radii(tables.parse_radii(args.radii) if args.radii else ())
     except ValueError as err:
         parser.error(str(err))
     minimal: list = []  # minimal-norm attacks' distances per trial
@@ -73,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for t in s.trials:
                 names[t.trial] = f"{experiment}/{s.defense} {s.description} seed {t.seed}"
         curves.extend(summary.curve_points(storage.filesystem, storage.root))
-        certified.extend(tables.certified_curves(storage.filesystem, storage.root))
+        certified.extend(tables.certified_curves(storage.filesystem, storage.root, radii))
         minimal.extend(summary.minimal_norm_points(storage.filesystem, storage.root))
         scores.extend(tables.score_summaries(storage.filesystem, storage.root))
         transfers.append((path, storage.filesystem, storage.root))
@@ -81,8 +85,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     _emit(args.format, "Accuracy [%] on the test split (mean ± std over seeds; best seed chosen on "
           "validation)", *summary.summary_rows(summaries))
-    _emit(args.format, "Best models: accuracy [%] with 95% Clopper-Pearson intervals, sanity flags",
+    _emit(args.format, "Best models: accuracy [%] with 95% intervals (Clopper-Pearson; bootstrap where "
+          "a stochastic model's scores are fractions), the validation metric that chose them, sanity flags",
           *summary.best_model_rows(summaries))
+    if any(s.best.stochastic for s in summaries):
+        print(f"note: {summary.STOCHASTIC_NOTE}")
     header, rows = summary.paired_rows(summaries)
     if rows:
         _emit(args.format, "Paired comparison of the best models (exact McNemar test, same examples)",
@@ -113,13 +120,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         tables.plot_margin_curves(scores, args.plot_margins, names)
         print(f"wrote {args.plot_margins}")
     if certified:
-        _emit(args.format, "Certified accuracy [%] at radius (not abstained, correct, radius >= r)",
-              *tables.certified_rows(certified, names))
+        _emit(args.format, "Certified accuracy [%] at radius (correct, the bound not abstaining, radius >= r; PREDICT: "
+              "Cohen et al.'s, abstain counted as wrong)",
+              *tables.certified_rows(certified, names, radii))
     if args.plot_certified:
         if not certified:
             print("no certification results to plot (run launch/certify.py)", file=sys.stderr)
             return 1
-        tables.plot_certified(certified, args.plot_certified, names)
+        tables.plot_certified(certified, args.plot_certified, names, radii)
         print(f"wrote {args.plot_certified}")
     if args.plot_noise:
         from robust.results.noise import noise_curves, plot_noise

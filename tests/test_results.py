@@ -39,8 +39,12 @@ def _write_trial(fs, root, trial, spec, val_pgd, accuracy, n=50):
                               "correct": correct, "vote_prediction": [0] * m, "vote_correct": correct,
                               "attacked": [True] * m, "robust": correct, "eps": [0.1] * m,
                               "eot_samples": [1] * m, "stochastic": [False] * m, "zero_grad": [False] * m,
-                              "prob_like": [False] * m, "distance": [0.0] * m, "node": ["n0"] * m, "config_id": [spec.config_id()] * m,
+                              "prob_like": [False] * m, "distance": [0.0] * m, "draws": [1] * m,
+                              "draws_correct": [int(c) for c in correct], "queries": [None] * m,
+                              "classifier": ["deployed"] * m, "node": ["n0"] * m, "config_id": [spec.config_id()] * m,
                               "seed": [spec.seed] * m, "shard": [shard] * m}, schema=ATTACK_SCHEMA)
+            if shard == 1:  # written before schema 4: no verdict counts (read back as one draw each)
+                table = table.drop_columns(["draws", "draws_correct", "queries", "classifier"])
             write_table(fs, attack_path(root, "constant", trial, attack, shard), table,
                         file_metadata(spec.to_dict()))
 
@@ -144,3 +148,47 @@ def test_storage_paths(tmp_path):
     s3 = Storage("s3://bucket/some/prefix", endpoint="http://127.0.0.1:9")
     assert s3.root == "bucket/some/prefix" and not s3.is_local
     assert s3.display(s3.experiment("e")) == "s3://bucket/some/prefix/e"
+
+
+def test_stochastic_scores_worst_case_includes_clean_and_vote_rule():
+    """Per example, the score is k of R draws; an attack's accuracy is the mean of min(clean,
+    attack), so an example misclassified clean is not robust even when a lucky draw classifies
+    its adversarial point; the worst case is the minimum; the vote worst case needs a majority
+    of draws correct under clean and every attack."""
+    k_clean, k_pgd = [10, 10, 2, 0], [10, 3, 9, 10]
+    vote_clean, vote_pgd = [True, True, False, False], [True, False, True, True]
+    attacks = pa.table({"trial": ["t"] * 8, "attack": ["clean"] * 4 + ["pgd-20"] * 4,
+                        "example": [0, 1, 2, 3] * 2, "correct": vote_clean + vote_pgd,
+                        "vote_correct": vote_clean + vote_pgd, "stochastic": [True] * 8,
+                        "draws": [10] * 8, "draws_correct": k_clean + k_pgd})
+    result = summary.trial_results(attacks, [], pa.table({"trial": [], "flag": [], "tripped": []}))["t"]
+    assert result.accuracy("clean") == pytest.approx((1 + 1 + 0.2 + 0) / 4)
+    assert result.accuracy("pgd-20") == pytest.approx((1 + 0.3 + 0.2 + 0) / 4)  # not (1 + .3 + .9 + 1) / 4
+    assert result.accuracy(summary.WORST) == pytest.approx(result.accuracy("pgd-20"))
+    assert result.vote_accuracy(summary.WORST_VOTE) == pytest.approx(0.25)
+    lo, hi = result.interval(summary.WORST)
+    assert lo <= result.accuracy(summary.WORST) <= hi and (lo, hi) != (0.0, 1.0)
+    s = summary.ConfigSummary("exp", "pni", "c", "default", [result], result)
+    header, rows = summary.best_model_rows([s])
+    assert summary.WORST_VOTE in header and rows[0][header.index(summary.WORST_VOTE)] == "25.00"
+    # McNemar counts an example as right where the majority of its draws is
+    assert summary.paired_rows([s, s])[1][0][4:6] == ["0", "0"]
+
+
+def test_best_seed_is_the_argmax_of_the_defenses_own_metric(tmp_path):
+    """A defense selected on val_eot_pgd_acc: the summary picks the seed with the best value of
+    that metric (stored with the trial), not the one with the best plain PGD accuracy."""
+    fs, root = pafs.LocalFileSystem(), str(tmp_path / "exp")
+    for seed, (val_pgd, val_eot) in enumerate([(0.9, 0.2), (0.5, 0.6), (0.7, 0.4)]):
+        spec = _spec(seed)
+        _write_trial(fs, root, f"t{seed}", spec, val_pgd, {"clean": 0.9, "pgd-20": 0.5})
+        row = {**read_kind(fs, root, "trials").filter(pa.compute.equal(
+            read_kind(fs, root, "trials")["trial"], f"t{seed}")).to_pylist()[0]}
+        row.update(metric="val_eot_pgd_acc", metric_value=val_eot)
+        row = {k: v for k, v in row.items() if k in TRIAL_SCHEMA.names}
+        write_table(fs, trial_path(root, f"t{seed}"), pa.Table.from_pylist([row], schema=TRIAL_SCHEMA),
+                    file_metadata(spec.to_dict()))
+    s, = summary.summarize_experiment(fs, root, "exp")
+    assert s.best_seed == 1 and s.best.metric == "val_eot_pgd_acc"
+    header, rows = summary.best_model_rows([s])
+    assert rows[0][header.index("selected by")] == "val_eot_pgd_acc 60.00"

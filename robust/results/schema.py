@@ -89,7 +89,11 @@ TRIAL_SCHEMA = pa.schema([
     ("config", pa.string()),      # the resolved TrialSpec as JSON
     ("epochs_done", pa.int64()),
     ("val_acc", pa.float64()),
-    ("val_pgd_acc", pa.float64()),  # the selection metric (validation split)
+    ("val_pgd_acc", pa.float64()),  # PGD accuracy (validation split), whatever the selection metric
+    # the defense's selection metric (its tuning module's METRIC, what Tune optimised) and its
+    # last value on the validation split; null name: no metric (an external model)
+    ("metric", pa.string()),
+    ("metric_value", pa.float64()),
     ("checkpoint", pa.string()),
     ("updated", pa.float64()),
 ])
@@ -219,9 +223,10 @@ def read_kind(fs: pafs.FileSystem, root: str, kind: str) -> pa.Table:
     if info.type != pafs.FileType.Directory:
         return pa.table({})
     partitioning = ds.partitioning(PARTITIONS[kind], flavor="hive") if len(PARTITIONS[kind]) else None
+    schema = _dataset_schema(kind)
     for attempt in range(READ_ATTEMPTS):
         try:
-            dataset = ds.dataset(base, filesystem=fs, format="parquet", partitioning=partitioning)
+            dataset = ds.dataset(base, filesystem=fs, format="parquet", partitioning=partitioning, schema=schema)
             return dataset.to_table()
         except (OSError, pa.ArrowInvalid):
             if attempt == READ_ATTEMPTS - 1:
@@ -231,3 +236,13 @@ def read_kind(fs: pafs.FileSystem, root: str, kind: str) -> pa.Table:
 
 
 READ_ATTEMPTS = 4
+
+
+def _dataset_schema(kind: str):
+    """The full schema a kind is read with, where it has grown over schema versions: files
+    written before a column existed read back with that column null (the readers say
+    what null means, e.g. robust.results.verdict for the verdict's counts)."""
+    grown = {"attack": ATTACK_SCHEMA, "trials": TRIAL_SCHEMA}.get(kind)
+    if grown is None:
+        return None
+    return pa.unify_schemas([grown, PARTITIONS[kind]])

@@ -24,31 +24,85 @@ import pyarrow.fs as pafs
 from robust.evaluation.stats import clopper_pearson, mcnemar
 from robust.evaluation.suite import is_minimal_norm, spec_of_label
 from robust.results.schema import read_kind
+from robust.results.verdict import SCORE, with_scores
 
 COMPLETED = "completed"
+CLEAN = "clean"
 WORST = "worst-case"
+WORST_VOTE = "worst-case (vote)"
 SANITY_PREFIX = "sanity-"
+#: What the best-model table says about intervals of stochastic models.
+STOCHASTIC_NOTE = ("stochastic models: accuracy = mean over examples of the fraction of R fresh draws "
+                   "correct, min(clean, attack); worst-case = min over clean and every attack; "
+                   "'worst-case (vote)' = majority of the R draws correct under all of them; intervals "
+                   "are bootstraps over examples, which assume independent examples and so do not "
+                   "account for noise shared across a batch (e.g. PNI's weight noise)")
 
 
 @dataclass
 class TrialResult:
-    """One evaluated model: per-attack outcomes on its examples."""
+    """One evaluated model: per-attack verdict scores on its examples.
+
+    ``outcomes[attack][example]`` is the row's score, the fraction of the verdict's R
+    draws that classified the example correctly (0 or 1 for a deterministic model;
+    :mod:`robust.results.verdict`); ``votes`` holds the majority vote's correctness.
+    An attack's accuracy is the mean over its examples of min(clean score, attack
+    score): an example misclassified when clean is never robust.
+    """
 
     trial: str
     seed: int
     val_metric: float
-    outcomes: Dict[str, Dict[int, bool]]        # attack -> example -> correct
-    vote: Dict[str, float] = field(default_factory=dict)  # attack -> majority-vote accuracy
+    outcomes: Dict[str, Dict[int, float]]       # attack -> example -> score (k / R)
+    votes: Dict[str, Dict[int, bool]] = field(default_factory=dict)  # attack -> example -> vote correct
     stochastic: bool = False
     flags: List[str] = field(default_factory=list)
+    metric: str = "val_pgd_acc"
+
+    def scores(self, attack: str) -> Dict[int, float]:
+        """Per example: min(clean score, the attack's score) (the clean score for 'clean')."""
+        own = self.outcomes[attack]
+        clean = self.outcomes.get(CLEAN)
+        if attack in (CLEAN, WORST) or clean is None:
+            return own
+        return {e: min(v, clean[e]) if e in clean else v for e, v in own.items()}
 
     def accuracy(self, attack: str) -> float:
-        values = list(self.outcomes[attack].values())
+        values = list(self.scores(attack).values())
         return sum(values) / len(values) if values else math.nan
 
-    def counts(self, attack: str) -> Tuple[int, int]:
-        values = list(self.outcomes[attack].values())
+    def vote_accuracy(self, attack: str) -> float:
+        own, clean = self.votes.get(attack, {}), self.votes.get(CLEAN, {})
+        values = [v and clean.get(e, True) for e, v in own.items()]
+        return sum(values) / len(values) if values else math.nan
+
+    def counts(self, attack: str) -> Tuple[float, int]:
+        """(sum of the per-example scores, examples): integers for a deterministic model."""
+        values = list(self.scores(attack).values())
         return sum(values), len(values)
+
+    def interval(self, attack: str, confidence: float = 0.95) -> Tuple[float, float]:
+        """Exact Clopper-Pearson where every score is 0 or 1; otherwise a percentile bootstrap
+        over examples (seeded), which treats examples as independent (see the summary's note
+        on models whose noise is shared across a batch)."""
+        values = list(self.scores(attack).values())
+        if all(v in (0.0, 1.0) for v in values):
+            return clopper_pearson(int(sum(values)), len(values), confidence)
+        return bootstrap_interval(values, confidence)
+
+
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> Tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (Efron & Tibshirani 1993)."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return 0.0, 1.0
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(1)
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 @dataclass
@@ -103,35 +157,45 @@ def _is_curve_point(label: str) -> bool:
 
 
 def trial_results(attacks: pa.Table, trials: Sequence[dict], checks: pa.Table) -> Dict[str, TrialResult]:
-    """Per-trial outcomes; the worst case is the per-example AND over clean and every attack."""
+    """Per-trial scores; the worst case is the per-example minimum over clean and every
+    bounded attack, on the examples all of them cover (the vote worst case likewise)."""
     out: Dict[str, TrialResult] = {}
-    cols = attacks.select(["trial", "attack", "example", "correct", "vote_correct", "stochastic"]).to_pydict()
-    for t, a, e, c, v, s in zip(*cols.values()):
+    attacks = with_scores(attacks)
+    cols = attacks.select(["trial", "attack", "example", SCORE, "vote_correct", "stochastic"]).to_pydict()
+    for t, a, e, score, v, s in zip(*cols.values()):
         if t not in out:
             out[t] = TrialResult(t, 0, math.nan, {})
         if a.startswith(SANITY_PREFIX) or _is_curve_point(a) or is_minimal_norm(a):
             # minimal-norm attacks are unbounded: reported apart (minimal_norm_rows), not in the worst case
             continue
-        out[t].outcomes.setdefault(a, {})[e] = c
-        out[t].vote.setdefault(a, 0.0)
-        out[t].vote[a] += v
-        out[t].stochastic |= s
+        out[t].outcomes.setdefault(a, {})[e] = score
+        out[t].votes.setdefault(a, {})[e] = bool(v)
+        out[t].stochastic |= bool(s)
     for result in out.values():
-        for a in result.vote:
-            result.vote[a] /= max(len(result.outcomes[a]), 1)
-        examples = set.intersection(*(set(o) for o in result.outcomes.values())) if result.outcomes else set()
         if len(result.outcomes) > 1:
-            result.outcomes[WORST] = {e: all(o[e] for o in result.outcomes.values()) for e in sorted(examples)}
+            examples = sorted(set.intersection(*(set(o) for o in result.outcomes.values())))
+            result.outcomes[WORST] = {e: min(o[e] for o in result.outcomes.values()) for e in examples}
+            if result.stochastic:
+                result.votes[WORST_VOTE] = {e: all(v[e] for v in result.votes.values()) for e in examples}
     for row in trials:
         if row["trial"] in out:
             out[row["trial"]].seed = row["seed"]
-            out[row["trial"]].val_metric = row["val_pgd_acc"]
+            out[row["trial"]].metric, out[row["trial"]].val_metric = selection_metric(row)
     if checks.num_rows:
         tripped = checks.filter(pc.equal(checks["tripped"], True)).select(["trial", "flag"]).to_pylist()
         for row in tripped:
             if row["trial"] in out:
                 out[row["trial"]].flags.append(row["flag"])
     return out
+
+
+def selection_metric(row: dict) -> Tuple[str, float]:
+    """(name, value) of the metric a trial was selected by, on the validation split: the
+    defense's own (stored with the trial since schema 4), else validation PGD accuracy."""
+    name, value = row.get("metric"), row.get("metric_value")
+    if name and value is not None:
+        return name, value
+    return "val_pgd_acc", row.get("val_pgd_acc")
 
 
 def summarize_experiment(fs: pafs.FileSystem, root: str, experiment: str) -> List[ConfigSummary]:
@@ -187,9 +251,13 @@ def summary_rows(summaries: Sequence[ConfigSummary]) -> Tuple[List[str], List[Li
 
 def best_model_rows(summaries: Sequence[ConfigSummary], confidence: float = 0.95
                     ) -> Tuple[List[str], List[List[str]]]:
-    """Per-attack table of the best models: accuracy [95% interval], n, vote, flags."""
+    """Per-attack table of the best models: accuracy [95% interval], n, the majority-vote
+    accuracy of stochastic models (and their vote worst case), the metric that chose the
+    model, flags.  See :data:`STOCHASTIC_NOTE` for the rules."""
     labels = _labels(summaries)
-    header = ["experiment", "defense", "config", "seed", "n"] + labels + ["stochastic", "flags"]
+    vote_worst = any(WORST_VOTE in s.best.votes for s in summaries)
+    header = ["experiment", "defense", "config", "seed", "selected by", "n"] + labels + \
+        ([WORST_VOTE] if vote_worst else []) + ["stochastic", "flags"]
     rows = []
     for s in summaries:
         b = s.best
@@ -198,30 +266,35 @@ def best_model_rows(summaries: Sequence[ConfigSummary], confidence: float = 0.95
             if a not in b.outcomes:
                 cells.append("-")
                 continue
-            k, n = b.counts(a)
-            lo, hi = clopper_pearson(k, n, confidence)
-            vote = f" vote {100 * b.vote[a]:.1f}" if b.stochastic and a in b.vote else ""
-            cells.append(f"{100 * k / n:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]{vote}")
+            lo, hi = b.interval(a, confidence)
+            vote = f" vote {100 * b.vote_accuracy(a):.1f}" if b.stochastic and a in b.votes else ""
+            cells.append(f"{100 * b.accuracy(a):.2f} [{100 * lo:.1f}, {100 * hi:.1f}]{vote}")
+        if vote_worst:
+            cells.append(f"{100 * b.vote_accuracy(WORST_VOTE):.2f}" if WORST_VOTE in b.votes else "-")
         n_examples = max((len(o) for o in b.outcomes.values()), default=0)
-        rows.append([s.experiment, s.defense, s.description, str(b.seed), str(n_examples)] + cells
+        metric = f"{b.metric} {100 * b.val_metric:.2f}" if b.val_metric is not None and \
+            math.isfinite(b.val_metric) else b.metric
+        rows.append([s.experiment, s.defense, s.description, str(b.seed), metric, str(n_examples)] + cells
                     + ["yes" if b.stochastic else "no", ",".join(b.flags) or "ok"])
     return header, rows
 
 
 def paired_rows(summaries: Sequence[ConfigSummary], attack: str = WORST) -> Tuple[List[str], List[List[str]]]:
-    """McNemar tests between best models on the examples both were evaluated on."""
+    """McNemar tests between best models on the examples both were evaluated on.  An example
+    counts as right where its score is at least 1/2 (deterministic: correct; stochastic: the
+    majority of the verdict's draws), since the test needs one binary outcome per example."""
     header = ["model A", "model B", "attack", "n", "only A right", "only B right", "p (exact McNemar)"]
     rows = []
     named = [(f"{s.experiment}/{s.defense} {s.description} seed {s.best.seed}", s.best) for s in summaries]
     for i in range(len(named)):
         for j in range(i + 1, len(named)):
             (na, a), (nb, b) = named[i], named[j]
-            label = attack if attack in a.outcomes and attack in b.outcomes else "clean"
-            common = sorted(set(a.outcomes.get(label, {})) & set(b.outcomes.get(label, {})))
+            label = attack if attack in a.outcomes and attack in b.outcomes else CLEAN
+            sa, sb = a.scores(label), b.scores(label)
+            common = sorted(set(sa) & set(sb))
             if not common:
                 continue
-            only_a, only_b, p = mcnemar([a.outcomes[label][e] for e in common],
-                                        [b.outcomes[label][e] for e in common])
+            only_a, only_b, p = mcnemar([sa[e] >= 0.5 for e in common], [sb[e] >= 0.5 for e in common])
             rows.append([na, nb, label, str(len(common)), str(only_a), str(only_b), f"{p:.3g}"])
     return header, rows
 
@@ -234,11 +307,11 @@ def curve_points(fs: pafs.FileSystem, root: str) -> List[dict]:
     labels = [a for a in set(attacks["attack"].to_pylist()) if _is_curve_point(a)]
     if not labels:
         return []
-    rows = attacks.filter(pc.is_in(attacks["attack"], pa.array(labels + ["clean"])))
-    agg = rows.group_by(["trial", "attack", "eps"]).aggregate([("correct", "mean"), ("correct", "count")])
+    rows = with_scores(attacks.filter(pc.is_in(attacks["attack"], pa.array(labels + ["clean"]))))
+    agg = rows.group_by(["trial", "attack", "eps"]).aggregate([(SCORE, "mean"), (SCORE, "count")])
     points = [{"trial": t, "attack": a.split(":eps=")[0], "eps": e, "accuracy": m, "n": n}
-              for t, a, e, m, n in zip(*agg.select(["trial", "attack", "eps", "correct_mean",
-                                                      "correct_count"]).to_pydict().values())]
+              for t, a, e, m, n in zip(*agg.select(["trial", "attack", "eps", f"{SCORE}_mean",
+                                                      f"{SCORE}_count"]).to_pydict().values())]
     curves = {(p["trial"], p["attack"]) for p in points if p["attack"] != "clean"}
     clean = {p["trial"]: p for p in points if p["attack"] == "clean"}
     # every curve starts at eps = 0 with the clean accuracy
@@ -332,18 +405,21 @@ def parse_budgets(items: Sequence[str]) -> Dict[str, Tuple[float, ...]]:
 
 def minimal_norm_points(fs: pafs.FileSystem, root: str) -> List[dict]:
     """Per (trial, minimal-norm attack): its norm and the distances of its attacked rows
-    (inf where it found no adversarial point; misclassified rows only count as found)."""
+    (inf where it found no adversarial point; only rows whose verdict score is below 1/2,
+    i.e. misclassified, or misclassified by the majority of a stochastic model's draws,
+    count as found)."""
     attacks = read_kind(fs, root, "attack")
     if attacks.num_rows == 0:
         return []
     labels = [a for a in set(attacks["attack"].to_pylist()) if is_minimal_norm(a)]
     if not labels:
         return []
-    rows = attacks.filter(pc.and_(pc.is_in(attacks["attack"], pa.array(labels)),
-                                  pc.equal(attacks["attacked"], True)))
+    rows = with_scores(attacks.filter(pc.and_(pc.is_in(attacks["attack"], pa.array(labels)),
+                                              pc.equal(attacks["attacked"], True))))
     out: Dict[Tuple[str, str], List[float]] = {}
-    for t, a, c, d in zip(*rows.select(["trial", "attack", "correct", "distance"]).to_pydict().values()):
-        out.setdefault((t, a), []).append(math.inf if c or d is None or math.isnan(d) else d)
+    # found = the verdict's majority misclassifies the returned point (deterministic: misclassified)
+    for t, a, score, d in zip(*rows.select(["trial", "attack", SCORE, "distance"]).to_pydict().values()):
+        out.setdefault((t, a), []).append(math.inf if score >= 0.5 or d is None or math.isnan(d) else d)
     return [{"trial": t, "attack": a, "norm": spec_of_label(a).norm, "distances": sorted(d)}
             for (t, a), d in sorted(out.items())]
 
