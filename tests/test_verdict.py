@@ -10,7 +10,6 @@ from torch import nn
 
 from robust.attacks import verdict
 from robust.attacks.base import GradientAttack, cross_entropy
-from robust.data import create_dataset
 from robust.defenses import create_defense, defense_names
 from robust.evaluation.protocol import CLEAN, evaluate_shard, judge
 from robust.evaluation.suite import parse_attacks
@@ -54,11 +53,6 @@ class Recorder(nn.Module):
         out = self.model(x)
         self.calls.append(out.detach().clone())
         return out
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return create_dataset("digits")
 
 
 def _stochastic_models(digits):
@@ -180,3 +174,26 @@ def test_eot_attacks_are_never_weaker_than_without_eot(name, digits):
         half_width = 1.96 * diffs.std().item() / len(diffs) ** 0.5
         assert acc_eot <= acc_plain + half_width + 1e-9, \
             f"{name}: {eot} {100 * acc_eot:.1f}% > {plain} {100 * acc_plain:.1f}% (+-{100 * half_width:.1f})"
+
+
+def test_cascade_survivors_are_the_examples_with_a_running_score_above_zero(trained_digits_model, digits):
+    """The cascade's rule on a stochastic model: an attack runs on exactly the examples whose
+    minimum score over clean and every earlier attack is above 0, and ``robust`` records it;
+    skipped rows carry no draws."""
+    model = PerExampleNoise(trained_digits_model, sigma=0.25).eval()
+    specs = parse_attacks(["fgsm:eot_samples=2", "pgd-3:eot_samples=2"], 0.2)
+    rows = evaluate_shard(model, digits.test, range(48), specs, 0.2, CPU, seed=0, batch_size=48,
+                          protocol="cascade", votes=6, large_eps_examples=0, check_examples=0)
+
+    def score(label):
+        r = rows[label]
+        return [k / d if d else 0.0 for k, d in zip(r["draws_correct"], r["draws"])]
+    fgsm, pgd = specs[0].label, specs[1].label
+    running = [min(c, f) for c, f in zip(score(CLEAN), score(fgsm))]
+    assert rows[pgd]["attacked"] == [r > 0 for r in running]
+    assert rows[fgsm]["robust"] == [r > 0 for r in running]
+    assert 0 < sum(r > 0 for r in running) < 48  # both kinds of example are there
+    assert all(d == 0 for d, a in zip(rows[pgd]["draws"], rows[pgd]["attacked"]) if not a)
+    assert all(d == 6 for d, a in zip(rows[pgd]["draws"], rows[pgd]["attacked"]) if a)
+    fractional = [s for s in score(CLEAN) if 0 < s < 1]
+    assert fractional  # the verdict's R draws really disagree on some examples
