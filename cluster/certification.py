@@ -8,6 +8,14 @@ identical counts.  The driver adds the counts and certifies
 (:func:`robust.certify.certify_from_counts`).  With early stopping an image is
 certified on one actor (its looks are sequential).  One Parquet file per
 (trial, sigma, shard of images); shards already written are skipped.
+
+The smoothed classifier is built around the trained network itself (``load_model``
+with ``classifier=BASE``): ``Smooth`` adds the noise, so an additive-noise
+defense's deployed classifier, which already adds it, is never certified.
+Rows state, per bound, whether it abstains (``abstain_<bound>``: Cohen's CERTIFY
+abstains where its p_A lower bound is <= 1/2 even when the pair test predicts),
+and Cohen et al.'s PREDICT on the estimation samples (``predict``, -1 = abstain;
+``predict_correct`` counts abstain as wrong; null with early stopping).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from cluster.evaluation import ModelSource, cpu_slots, load_model
 from cluster.records import node_name
 from cluster.storage import Storage
 from robust.certify import ABSTAIN, BOUNDS, Certificate, Smooth, certify_from_counts
+from robust.defenses.base import BASE
 from robust.device import default_device
 from robust.results.schema import certify_path, file_metadata, write_table
 from robust.spec import TrialSpec, load_splits
@@ -42,6 +51,7 @@ class CertifySettings:
     shard_size: int = 25
     radius: Optional[float] = None
     early_stop: bool = False
+    bound: Optional[str] = None  # the bound early stopping decides by (default BOUNDS[noise][0])
 
     def positions(self, test_size: int) -> List[int]:
         """Cohen et al.'s subsample: every ``skip``-th test example, at most ``max_examples``."""
@@ -72,7 +82,7 @@ class CertifyWorker:
         if source.trial not in self.loaded:
             spec = TrialSpec.from_dict(source.spec)
             splits = load_splits(spec)
-            model = load_model(source, self.storage, splits).to(default_device()).eval()
+            model = load_model(source, self.storage, splits, classifier=BASE).to(default_device()).eval()
             s = self.settings
             self.loaded[source.trial] = (Smooth(model, splits.num_classes, s.sigma, s.noise, chunk=s.chunk,
                                                 seed=spec.seed), splits)
@@ -85,7 +95,7 @@ class CertifyWorker:
         s = self.settings
         if job.certify:
             cert = smooth.certify(x, s.n0, s.n, s.confidence, image_id=int(index), radius=s.radius,
-                                  early_stop=True)
+                                  early_stop=True, bound=s.bound)
             return job, cert, time.perf_counter() - started, node_name()
         stream = "select" if job.first_chunk < 0 else "estimate"
         counts = smooth.sample_counts(x, job.num_samples, int(index), max(job.first_chunk, 0), stream)
@@ -134,8 +144,15 @@ def certificate_rows(certs: Sequence[Tuple[int, int, Certificate, float, str]], 
                "seconds": seconds, "samples_used": cert.samples_used,
                "config_id": spec.config_id(), "seed": spec.seed, "shard": shard, "node": nodes}
         row.update({f"radius_{b}": float(cert.radius[b]) for b in BOUNDS[settings.noise]})
+        row.update({f"abstain_{b}": cert.abstains(b) for b in BOUNDS[settings.noise]})
+        row["predict"] = cert.predict
+        row["predict_correct"] = None if cert.predict is None else cert.predict == label
         rows.append(row)
-    return pa.Table.from_pylist(rows)
+    table = pa.Table.from_pylist(rows)
+    # typed even when every value is null (early stopping), so shards of one kind share a schema
+    for name, kind in (("predict", pa.int64()), ("predict_correct", pa.bool_())):
+        table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(kind))
+    return table
 
 
 def run_certification(sources: Sequence[ModelSource], settings: CertifySettings, storage: Storage, root: str,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
@@ -23,10 +23,13 @@ from torch import nn
 from cluster.records import load_state, node_name
 from cluster.storage import Storage
 from robust.data.base import DatasetSplits
+from robust.defenses.base import BASE, DEPLOYED, classifier_name
 from robust.device import default_device, prepare_module
 from robust.evaluation import checks
 from robust.evaluation.protocol import CLEAN, LARGE_EPS_LABEL, evaluate_shard, shard_positions
 from robust.evaluation.suite import parse_attacks, spec_of_label
+from robust.results.paired import TrialScores, eot_convergence
+from robust.results.summary import SANITY_PREFIX
 from robust.results.schema import (ATTACK_SCHEMA, CHECK_SCHEMA, attack_path, checks_path,
                                    file_metadata, read_kind, write_table)
 from robust.spec import TrialSpec, build_defense, build_model, load_splits
@@ -43,8 +46,24 @@ class ModelSource:
     weights: str = ""         # a local state-dict file for the external model
 
 
+#: What an evaluation scores: the defense's deployed classifier (default) or its trained network.
+CLASSIFIERS = (DEPLOYED, BASE)
+
+
 @dataclass(frozen=True)
 class EvalSettings:
+    """How models are evaluated.
+
+    ``classifier``: 'deployed' (default) scores what the defense deploys
+    (:meth:`robust.defenses.base.Defense.deployed`: for an additive-noise defense
+    the class voted by ``noisy_copies`` noisy copies, STN Algorithm 1); 'base'
+    scores the trained network without it, only when asked.  Rows of anything
+    but the default deployment are kept apart by their trial key,
+    ``<trial>:base`` or ``<trial>:n=<N>`` (:meth:`evaluated_source`), so no
+    summary, flag or shard plan mixes them with the default rows or skips them
+    because those exist.
+    """
+
     attacks: Tuple[str, ...]
     protocol: str = "independent"
     votes: int = 10
@@ -52,11 +71,30 @@ class EvalSettings:
     shard_size: int = 128
     max_examples: Optional[int] = None
     large_eps_examples: int = 8
+    classifier: str = DEPLOYED
+    noisy_copies: int = 1
 
     def __post_init__(self) -> None:
         if self.shard_size % self.batch_size:
             raise ValueError(f"shard size {self.shard_size} must be a multiple of the batch size "
                              f"{self.batch_size}, so that sharding never changes a batch")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"unknown classifier {self.classifier!r}; valid choices: {', '.join(CLASSIFIERS)}")
+        if isinstance(self.noisy_copies, bool) or not isinstance(self.noisy_copies, int) or self.noisy_copies < 1:
+            raise ValueError(f"noisy copies must be an integer >= 1, got {self.noisy_copies!r}")
+
+    def evaluated_source(self, source: "ModelSource", model: nn.Module) -> "ModelSource":
+        """``source`` under the trial key its rows are written with, ``model`` being what
+        :func:`load_model` gave for these settings: the trial's own key for the default
+        deployment (n = 1, or a defense that adds no noise), ``<trial>:base`` for the base
+        network, ``<trial>:n=<N>`` for a noisy classifier over N > 1 copies."""
+        if self.classifier == BASE:
+            suffix = BASE
+        elif self.noisy_copies > 1 and classifier_name(model) != DEPLOYED:
+            suffix = f"n={self.noisy_copies}"
+        else:
+            return source
+        return replace(source, trial=f"{source.trial}:{suffix}")
 
 
 @dataclass(frozen=True)
@@ -90,35 +128,53 @@ def select_trials(sources: Sequence[ModelSource], wanted: Sequence[str], locatio
     return chosen
 
 
-def load_model(source: ModelSource, storage: Storage, splits: DatasetSplits) -> nn.Module:
-    """The model of ``source`` with its weights; raises on an architecture mismatch."""
+def load_model(source: ModelSource, storage: Storage, splits: DatasetSplits, classifier: str = DEPLOYED,
+               noisy_copies: int = 1) -> nn.Module:
+    """The classifier of ``source`` with its weights; raises on an architecture mismatch.
+
+    ``classifier`` 'deployed' (default): what the trial's defense deploys around the
+    trained network (:meth:`Defense.deployed`, e.g. STN's noisy classifier over
+    ``noisy_copies`` copies); 'base': the trained network alone (certification,
+    which adds its own noise, or ``--classifier base``).  An external model
+    (``factory``) is deployed as given.
+    """
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {classifier!r}; valid choices: {', '.join(CLASSIFIERS)}")
     spec = TrialSpec.from_dict(source.spec)
     if source.factory:
         module_name, _, function = source.factory.partition(":")
         model = getattr(importlib.import_module(module_name), function)()
-        state = torch.load(source.weights, map_location="cpu", weights_only=True)
-    else:
-        model = build_defense(spec, splits).prepare_model(build_model(spec, splits))
-        state = load_state(storage, source.checkpoint)["model"]
-    model.load_state_dict(state)  # strict: a mismatched architecture fails here
-    return model
+        model.load_state_dict(torch.load(source.weights, map_location="cpu", weights_only=True))
+        return model
+    defense = build_defense(spec, splits)
+    model = defense.prepare_model(build_model(spec, splits))
+    model.load_state_dict(load_state(storage, source.checkpoint)["model"])  # strict: mismatches fail here
+    return model if classifier == BASE else defense.deployed(model, noisy_copies)
 
 
 def evaluate_job(job: ShardJob, source: ModelSource, settings: EvalSettings, storage: Storage, root: str,
                  model: Optional[nn.Module] = None, splits: Optional[DatasetSplits] = None) -> int:
-    """Evaluate one shard of one model and write its files; returns the number of examples."""
+    """Evaluate one shard of one model and write its files; returns the number of examples.
+
+    ``model`` (default: loaded as ``settings`` ask) is the classifier scored; every row
+    names it in ``classifier``: 'base', or the deployed classifier's name.
+    """
     spec = TrialSpec.from_dict(source.spec)
     splits = splits if splits is not None else load_splits(spec)
     device = default_device()
-    model = prepare_module(model if model is not None else load_model(source, storage, splits), device)
+    if model is None:
+        model = load_model(source, storage, splits, settings.classifier, settings.noisy_copies)
+    model = prepare_module(model, device)
+    classifier = BASE if settings.classifier == BASE else classifier_name(model)
     attacks = parse_attacks(list(settings.attacks), splits.eps)
     columns = evaluate_shard(model, splits.test, range(job.start, job.stop), attacks, splits.eps, device,
                              seed=spec.seed, batch_size=settings.batch_size, protocol=settings.protocol,
                              votes=settings.votes, large_eps_examples=settings.large_eps_examples)
     for label, cols in columns.items():
         n = len(cols["example"])
-        table = pa.table({**cols, "config_id": [spec.config_id()] * n, "seed": [spec.seed] * n,
-                          "shard": [job.shard] * n, "node": [node_name()] * n}, schema=ATTACK_SCHEMA)
+        table = pa.table({**cols, "classifier": [classifier] * n, "config_id": [spec.config_id()] * n,
+                          "seed": [spec.seed] * n, "shard": [job.shard] * n, "node": [node_name()] * n},
+                         schema=ATTACK_SCHEMA)
         write_table(storage.filesystem, attack_path(root, spec.defense, job.trial, label, job.shard), table,
                     {**file_metadata({**spec.to_dict(), "evaluation": settings.__dict__}),
                      POSITIONS_KEY: f"{job.start}-{job.stop}"})
@@ -135,7 +191,8 @@ class EvalWorker:
     def run(self, job: ShardJob, source: ModelSource) -> int:
         if job.trial not in self.loaded:
             splits = load_splits(TrialSpec.from_dict(source.spec))
-            self.loaded[job.trial] = (load_model(source, self.storage, splits), splits)
+            model = load_model(source, self.storage, splits, self.settings.classifier, self.settings.noisy_copies)
+            self.loaded[job.trial] = (model, splits)
         model, splits = self.loaded[job.trial]
         return evaluate_job(job, source, self.settings, self.storage, self.root, model, splits)
 
@@ -269,67 +326,75 @@ def finalize_checks(storage: Storage, root: str, sources: Sequence[ModelSource])
     return out
 
 
-def _accuracy_on(rows: pa.Table, label: str, examples: Optional[set] = None) -> Tuple[float, set]:
-    part = rows.filter(pc.equal(rows["attack"], label)).select(["example", "correct"]).to_pydict()
-    outcome = {e: c for e, c in zip(part["example"], part["correct"]) if examples is None or e in examples}
-    return (sum(outcome.values()) / len(outcome) if outcome else float("nan")), set(outcome)
+def _threat(scores: TrialScores, label: str, spec: Optional[Any]) -> Tuple[str, float]:
+    """(norm, eps) of a label's rows.  Labels that do not parse back to one spec are
+    expansions of apgd-rand (apgd-ce-rand, apgd-dlr-rand): L-inf."""
+    eps = float(pc.max(scores.rows.filter(pc.equal(scores.rows["attack"], label))["eps"]).as_py())
+    return (spec.norm if spec is not None else "linf"), eps
 
 
-def black_box_pairs(rows: pa.Table, black: Dict[str, Any], white: Dict[str, Any]
+def black_box_pairs(scores: TrialScores, black: Dict[str, Tuple[str, float]], white: Dict[str, Tuple[str, float]]
                     ) -> Dict[str, Tuple[float, str, float]]:
-    """Each black-box attack against the strongest white-box attack whose threat model contains
-    its own, both accuracies on the examples both attacked (an attack may have its own cap)."""
+    """Each black-box attack against the strongest white-box attack whose threat model (norm, eps)
+    contains its own, both accuracies on the examples all of them attacked (an attack may have
+    its own cap; a cascade attacks only survivors)."""
     out = {}
-    for label, spec in black.items():
-        eps = float(rows.filter(pc.equal(rows["attack"], label))["eps"][0].as_py())
-        covering = [w for w, s in white.items() if checks.white_box_covers(
-            (spec.norm, eps), (s.norm, float(rows.filter(pc.equal(rows["attack"], w))["eps"][0].as_py())))]
-        if not covering:
-            continue
-        _, examples = _accuracy_on(rows, label)
-        for w in covering:
-            examples &= _accuracy_on(rows, w)[1]
+    for label, threat in black.items():
+        covering = [w for w, t in white.items() if checks.white_box_covers(threat, t)]
+        examples = scores.common(label, *covering) if covering else set()
         if not examples:
             continue
-        white_acc = {w: _accuracy_on(rows, w, examples)[0] for w in covering}
+        white_acc = {w: scores.accuracy(w, examples) for w in covering}
         strongest = min(white_acc, key=white_acc.get)
-        out[label] = (_accuracy_on(rows, label, examples)[0], strongest, white_acc[strongest])
+        out[label] = (scores.accuracy(label, examples), strongest, white_acc[strongest])
     return out
 
 
 def flag_inputs(rows: pa.Table) -> Dict[str, Any]:
-    """Aggregate one model's rows into the arguments of :func:`checks.trial_flags`."""
-    acc = rows.group_by("attack").aggregate([("correct", "mean")])
-    accuracy = {a: v for a, v in zip(acc["attack"].to_pylist(), acc["correct_mean"].to_pylist())
-                if ":eps=" not in a}  # eps-curve points are other budgets, not stronger attacks
-    large = accuracy.pop(LARGE_EPS_LABEL, None)
-    clean = rows.filter(pc.equal(rows["attack"], CLEAN))
-    attacked = rows.filter(pc.and_(pc.equal(rows["stochastic"], True), pc.equal(rows["eot_samples"], 1)))
-    specs = {a: spec_of_label(a) for a in accuracy}
-    # minimal-norm attacks are unbounded: they enter only their own flag (success on attacked rows)
+    """Aggregate one model's rows into the arguments of :func:`checks.trial_flags`.
+
+    Every accuracy is the verdict's (mean of min(clean score, attack score)), and every
+    comparison of two attacks is on the examples both attacked
+    (:class:`robust.results.paired.TrialScores`).
+    """
+    scores = TrialScores(rows)
+    clean = scores.rows.filter(pc.equal(scores.rows["attack"], CLEAN))
+    specs = {a: spec_of_label(a) for a in scores.labels if a != CLEAN and not a.startswith(SANITY_PREFIX)}
+    # minimal-norm attacks are unbounded: they enter only their own flag; eps-curve points are
+    # other budgets, not stronger attacks; black-box attacks may be weaker than FGSM by design
     minimal = sorted(a for a, s in specs.items() if s is not None and s.minimal_norm)
-    accuracy = {a: v for a, v in accuracy.items() if a not in minimal}
-    specs = {a: s for a, s in specs.items() if a not in minimal}
     black = sorted(a for a, s in specs.items() if s is not None and not s.gradient_based)
-    non_eot = sorted(set(attacked["attack"].to_pylist()) - {CLEAN} - set(black))
+    bounded = {a: s for a, s in specs.items() if a not in minimal and ":eps=" not in a}
+    threats = {a: _threat(scores, a, s) for a, s in bounded.items()}
+    white = {a: threats[a] for a in bounded if a not in black}
+    single = sorted(a for a in white if bounded[a] is not None and bounded[a].attack == "fgsm")
+    single_step = {(f, i): p for f in single for i in sorted(set(white) - set(single))
+                   if checks.white_box_covers(threats[f], threats[i])
+                   and (p := scores.compare(f, i)) is not None}
+    steps = sorted((checks.pgd_steps(a), a) for a in white if checks.pgd_steps(a) is not None)
+    by_steps = {(a, b): p for (a, la), (b, lb) in zip(steps, steps[1:])
+                if (p := scores.compare(la, lb)) is not None}
+    not_eot = rows.filter(pc.and_(pc.equal(rows["stochastic"], True), pc.equal(rows["eot_samples"], 1)))
+    large = scores.robust(LARGE_EPS_LABEL) if LARGE_EPS_LABEL in scores.labels else {}
     return {
-        # black-box attacks may be weaker than FGSM by design: they enter only their own flag
-        "accuracy": {a: v for a, v in accuracy.items() if a not in black},
-        "black_box": black_box_pairs(rows, {a: specs[a] for a in black},
-                                     {a: s for a, s in specs.items() if s is not None and s.gradient_based}),
-        "zero_grad_fraction": pc.mean(clean["zero_grad"].cast(pa.float64())).as_py() or 0.0,
+        "zero_grad": (int(pc.sum(clean["zero_grad"].cast(pa.int64())).as_py() or 0), clean.num_rows),
         "prob_like_fraction": pc.mean(clean["prob_like"].cast(pa.float64())).as_py() or 0.0,
-        "large_eps_success_rate": None if large is None else 1.0 - large,
-        "non_eot": non_eot,
-        "minimal_norm_success": minimal_norm_success(rows, minimal),
+        "large_eps_success_rate": 1.0 - scores.accuracy(LARGE_EPS_LABEL, set(large)) if large else None,
+        "non_eot": sorted(set(not_eot["attack"].to_pylist()) & (set(specs) - set(black))),
+        "single_step": single_step,
+        "by_steps": by_steps,
+        "black_box": black_box_pairs(scores, {a: threats[a] for a in black if a in bounded}, white),
+        "minimal_norm_success": minimal_norm_success(scores, minimal),
+        "eot": eot_convergence(scores),
     }
 
 
-def minimal_norm_success(rows: pa.Table, labels: List[str]) -> Dict[str, float]:
-    """label -> fraction of its attacked rows that are misclassified (for the minimal-norm flag)."""
+def minimal_norm_success(scores: TrialScores, labels: List[str]) -> Dict[str, float]:
+    """label -> fraction of its attacked examples it made adversarial: the verdict's score
+    below 1/2 (most of the R draws misclassify the point; deterministic: misclassified)."""
     out = {}
     for label in labels:
-        mine = rows.filter(pc.and_(pc.equal(rows["attack"], label), pc.equal(rows["attacked"], True)))
-        if mine.num_rows:
-            out[label] = 1.0 - pc.mean(mine["correct"].cast(pa.float64())).as_py()
+        attacked = scores.attacked(label)
+        if attacked:
+            out[label] = sum(score < 0.5 for score in attacked.values()) / len(attacked)
     return out

@@ -3,16 +3,28 @@
 
     python launch/certify.py results/<experiment> --preset cohen --sigma 0.25 --skip 20 --max 500
     python launch/certify.py results/<experiment> --preset stn --split 4       # one image's samples on 4 actors
-    python launch/certify.py results/<experiment> --radius 0.5 --early-stop    # stop sampling once decided
+    python launch/certify.py results/<experiment> --radius 0.3 --early-stop    # stop sampling once decided
+    python launch/certify.py results/<experiment> --radius 0.4 --early-stop --bound cohen
 
 Images are spread over a pool of Ray actors; one Parquet file per (trial,
 sigma, shard of images) under data/certify/; shards already written are
 skipped.  Presets: stn (95% confidence, n0 = n = 100) and cohen (n0 = 100,
 n = 100,000, confidence 0.999).  sigma defaults to the trial's training sigma
 (stn) and is required otherwise.  Everything is validated before Ray starts.
+
+Early stopping looks at the counts after every ceil(n / 10) estimation samples
+(10 looks, each at level alpha / 10; the looks follow n, not the throughput
+chunk) and decides the certificate at --radius by --bound (default: renyi for
+Gaussian noise, laplace for Laplace).  A radius that bound cannot certify at
+this sigma, n and confidence even with every sample on the top class is refused,
+naming the largest reachable radius (stn preset, sigma 0.25: 0.317 for renyi,
+0.407 for cohen).  The smoothed classifier is the trained network under the
+certification noise; rows also carry Cohen et al.'s PREDICT on the estimation
+samples (abstain counted as wrong; not with early stopping).
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +45,8 @@ def build_parser():
     p.add_argument("--split", type=int, default=1, help="split one image's samples over this many jobs")
     p.add_argument("--radius", type=float, help="requested radius for --early-stop")
     p.add_argument("--early-stop", action="store_true", help="stop sampling an image once decided")
+    p.add_argument("--bound", help="the bound --early-stop decides by (default: renyi for gaussian noise, "
+                   "laplace for laplace)")
     p.add_argument("--chunk", type=int, help="noisy copies per forward pass (default: by input size on CPU, "
                    "64 for 3x32x32 to 400 for 8x8; 1000 on GPU)")
     p.add_argument("--trial", action="append", default=[], help="certify only this trial (repeatable)")
@@ -49,7 +63,8 @@ def resolve(args) -> Dict[str, Any]:
     from robust.certify import CERTIFY_PRESETS
     import torch
 
-    from robust.certify.smooth import check_confidence, check_noise, check_sample_sizes, default_chunk
+    from robust.certify.smooth import (BOUNDS, check_confidence, check_noise, check_reachable, check_sample_sizes,
+                                       default_chunk, look_batch)
     from robust.data import DATASETS
 
     if args.preset not in CERTIFY_PRESETS:
@@ -60,6 +75,10 @@ def resolve(args) -> Dict[str, Any]:
             raise UsageError(f"--{flag.replace('_examples', '').replace('_', '-')} must be >= 1, got {value}")
     if args.early_stop and args.radius is None:
         raise UsageError("--early-stop needs --radius (the radius whose certificate is decided)")
+    if args.bound is not None and not args.early_stop:
+        raise UsageError("--bound chooses the bound --early-stop decides by: add --early-stop --radius R")
+    if args.radius is not None and not (math.isfinite(args.radius) and args.radius >= 0):
+        raise UsageError(f"--radius must be a finite number >= 0, got {args.radius}")
     preset = {**CERTIFY_PRESETS[args.preset]}
     for key in ("n", "n0", "confidence"):
         if getattr(args, key) is not None:
@@ -86,10 +105,18 @@ def resolve(args) -> Dict[str, Any]:
             check_noise(noise, sigma)
             check_confidence(preset["confidence"])
             check_sample_sizes(preset["n0"], preset["n"])
+            if args.early_stop:
+                bound = args.bound or BOUNDS[noise][0]
+                if bound not in BOUNDS[noise]:
+                    raise UsageError(f"unknown bound {bound!r} for {noise} noise; valid choices: "
+                                     f"{', '.join(BOUNDS[noise])}")
+                check_reachable(args.radius, preset["n"], preset["confidence"], sigma, noise, bound,
+                                math.ceil(preset["n"] / look_batch(preset["n"])))
             plans.append((CertifySettings(sigma=sigma, noise=noise, n0=preset["n0"], n=preset["n"],
                                           confidence=preset["confidence"], chunk=chunk,
                                           skip=args.skip, max_examples=args.max_examples, split=args.split,
-                                          radius=args.radius, early_stop=args.early_stop), sources))
+                                          radius=args.radius, early_stop=args.early_stop, bound=args.bound),
+                          sources))
     except ValueError as err:
         raise UsageError(str(err)) from None
     return {"storage": storage, "plans": plans}

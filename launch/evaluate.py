@@ -9,6 +9,17 @@
     python launch/evaluate.py results/<experiment> --transfer seeds --attacks fgsm,pgd-20
     python launch/evaluate.py results/<experiment> --transfer-from <trial id> --attacks pgd-20
     python launch/evaluate.py results/<experiment> --transfer-from mypkg.models:build --source-weights w.pt
+    python launch/evaluate.py results/<experiment> --noisy-copies 5 --attacks pgd-l2-20,smoothed-pgd:sigma=0.25
+    python launch/evaluate.py results/<experiment> --classifier base --attacks pgd-20
+
+Every model is evaluated as the classifier its defense deploys: an additive-noise
+defense (stn) as the class voted by --noisy-copies N noisy copies x + r (STN
+Algorithm 1; N = 1 by default, x -> f(x + r)), a stochastic model that attacks
+meet with EOT through the noise.  --classifier base scores the trained network
+without its deployment instead; its rows are labelled 'base'.  Rows other than
+the default deployment's go under the trial key <trial>:base or <trial>:n=N,
+apart from the default rows.  Cohen et al.'s PREDICT
+(with abstain counted as wrong) is reported by launch/certify.py.
 
 Transfer attacks craft adversarial examples on a source model once and classify
 them with target models: ``--transfer seeds`` is the matrix over the seeds of
@@ -46,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-curve", help="attack to run at every --eps-values (robust accuracy vs eps)")
     p.add_argument("--eps-values", help="comma-separated eps values for --eps-curve")
     p.add_argument("--votes", type=int, default=10, help="draws for the majority vote of stochastic models")
+    p.add_argument("--classifier", default="deployed",
+                   help="deployed (default: what the defense deploys, e.g. STN's noisy classifier) or base "
+                   "(the trained network alone, rows labelled 'base')")
+    p.add_argument("--noisy-copies", type=int, default=1, metavar="N",
+                   help="noisy copies x + r whose majority an additive-noise defense predicts (STN "
+                   "Algorithm 1's n; default 1)")
     p.add_argument("--actors", type=int, help="evaluation actors (default: one per CPU, 4 per GPU)")
     p.add_argument("--shard-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=128)
@@ -104,7 +121,18 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
 
     if args.protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {args.protocol!r}; valid choices: {', '.join(PROTOCOLS)}")
-    for flag in ("max_examples", "votes", "actors", "shard_size", "batch_size"):
+    from cluster.evaluation import CLASSIFIERS
+
+    if args.classifier not in CLASSIFIERS:
+        raise UsageError(f"unknown classifier {args.classifier!r}; valid choices: {', '.join(CLASSIFIERS)} "
+                         "(Cohen's PREDICT is reported by launch/certify.py)")
+    if args.classifier != "deployed" and args.model_factory:
+        raise UsageError("--classifier base: an external model is evaluated as given (it has no separate "
+                         "deployment); drop --classifier")
+    if (args.classifier != "deployed" or args.noisy_copies != 1) and (args.transfer or args.transfer_from):
+        raise UsageError("transfer attacks classify with the deployed classifier (n = 1): drop --classifier "
+                         "and --noisy-copies")
+    for flag in ("max_examples", "votes", "actors", "shard_size", "batch_size", "noisy_copies"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -125,19 +153,25 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     try:
         settings = EvalSettings(attacks=tuple(names), protocol=args.protocol, votes=args.votes,
                                 batch_size=args.batch_size, shard_size=args.shard_size,
-                                max_examples=args.max_examples)
+                                max_examples=args.max_examples, classifier=args.classifier,
+                                noisy_copies=args.noisy_copies)
     except ValueError as err:
         raise UsageError(str(err)) from None
     sizes, eps = {}, {}
+    evaluated = []
     for source in sources:
         splits = load_splits(TrialSpec.from_dict(source.spec))
-        parse_attacks(names, splits.eps)
-        sizes[source.trial], eps[source.trial] = len(splits.test), splits.eps
+        specs = parse_attacks(names, splits.eps)
         try:
-            load_model(source, storage, splits)
+            model = load_model(source, storage, splits, settings.classifier, settings.noisy_copies)
         except (RuntimeError, ImportError, AttributeError, OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise UsageError(f"cannot load the model of {source.trial}: {first}") from None
+        _check_noise_attacks(specs, splits.eps, model, source.trial)
+        source = settings.evaluated_source(source, model)  # <trial>:base, <trial>:n=N: rows apart
+        sizes[source.trial], eps[source.trial] = len(splits.test), splits.eps
+        evaluated.append(source)
+    sources = evaluated
     try:  # written shards that this plan cannot extend (another --shard-size) stop here, before Ray
         plan_jobs(sources, settings, storage, root, sizes, eps)
     except ValueError as err:
@@ -153,6 +187,19 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
                 first = str(err).strip().splitlines()[0]
                 raise UsageError(f"cannot load the source model {source.factory}: {first}") from None
     return {"storage": storage, "root": root, "sources": sources, "settings": settings, "transfer": transfer}
+
+
+def _check_noise_attacks(specs, eps_data: float, model, trial: str) -> None:
+    """smoothed-pgd on a classifier that already adds noise must be told that noise (never twice)."""
+    from robust.attacks.smoothed_pgd import SmoothedPGD
+
+    for spec in specs:
+        attack = spec.build(eps_data, seed=0)
+        if isinstance(attack, SmoothedPGD):
+            try:
+                attack.target(model)
+            except ValueError as err:
+                raise UsageError(f"trial {trial}: {err}") from None
 
 
 def _transfer_plan(args: argparse.Namespace, storage, targets, trials) -> Optional[Dict[str, Any]]:

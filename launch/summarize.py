@@ -81,19 +81,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         minimal.extend(summary.minimal_norm_points(storage.filesystem, storage.root))
         scores.extend(tables.score_summaries(storage.filesystem, storage.root))
         transfers.append((path, storage.filesystem, storage.root))
-    if not summaries:
-        return 1
-    _emit(args.format, "Accuracy [%] on the test split (mean ± std over seeds; best seed chosen on "
-          "validation)", *summary.summary_rows(summaries))
-    _emit(args.format, "Best models: accuracy [%] with 95% intervals (Clopper-Pearson; bootstrap where "
-          "a stochastic model's scores are fractions), the validation metric that chose them, sanity flags",
-          *summary.best_model_rows(summaries))
-    if any(s.best.stochastic for s in summaries):
-        print(f"note: {summary.STOCHASTIC_NOTE}")
-    header, rows = summary.paired_rows(summaries)
-    if rows:
-        _emit(args.format, "Paired comparison of the best models (exact McNemar test, same examples)",
-              header, rows)
+    if not summaries and not certified and not scores:
+        return 1  # nothing evaluated, certified or scored yet
+    if summaries:
+        _emit(args.format, "Accuracy [%] on the test split (mean ± std over seeds; best seed chosen on "
+              "validation)", *summary.summary_rows(summaries))
+        _emit(args.format, "Best models: accuracy [%] with 95% intervals (Clopper-Pearson; bootstrap where "
+              "a stochastic model's scores are fractions), the validation metric that chose them, sanity flags",
+              *summary.best_model_rows(summaries))
+        if any(s.best.stochastic for s in summaries):
+            print(f"note: {summary.STOCHASTIC_NOTE}")
+        header, rows = summary.paired_rows(summaries)
+        if rows:
+            _emit(args.format, "Paired comparison of the best models (exact McNemar test, same examples)",
+                  header, rows)
     if curves:
         _emit(args.format, "Robust accuracy versus eps",
               ["model", "attack", "eps", "accuracy [%]", "n"],

@@ -3,7 +3,8 @@
 - ``bounds``: certified radii from the top-two class probabilities (pure functions).
 - ``confidence``: one-sided Clopper-Pearson bounds.
 - ``smooth``: ``Smooth`` (seeded noise, predict, certify), ``certify_from_counts``
-  (the certificate logic on any count sampler), presets and certified accuracy.
+  (the certificate logic on any count sampler), presets, certified accuracy, and
+  the largest radius a sample size can certify (``largest_radius``).
 """
 from robust.certify.bounds import (
     cohen_l2_radius,
@@ -21,6 +22,8 @@ from robust.certify.smooth import (
     Smooth,
     certified_accuracy,
     certify_from_counts,
+    largest_radius,
+    look_batch,
     predict_from_counts,
 )
 
@@ -34,6 +37,8 @@ __all__ = [
     "certify_from_counts",
     "cohen_l2_radius",
     "laplace_l1_radius",
+    "largest_radius",
+    "look_batch",
     "lower_bound",
     "pixeldp_l2_radius",
     "predict_from_counts",

@@ -13,6 +13,12 @@ that holds with probability >= ``confidence`` over the noise:
    size"), alpha = 1 - confidence;
 3. abstain iff p1_lower <= p2_upper, else report radii from (p1_lower, p2_upper).
 
+A bound certifies nothing where its radius is 0: Cohen et al.'s CERTIFY abstains
+when its own lower bound on p_A is at most 1/2, even where the pair test of
+step 3 predicts (``Certificate.abstains``); certified accuracy never counts
+such an image, at any radius, 0 included.  Cohen et al.'s PREDICT on the same n
+estimation samples is reported beside the certificate (``Certificate.predict``).
+
 The logic lives in ``certify_from_counts``, which takes any count sampler;
 ``Smooth`` supplies one that runs a model on seeded noise.  Terminology:
 ``confidence`` = 1 - alpha is the statistical level; ``order`` is a Renyi
@@ -32,6 +38,7 @@ import torch
 from scipy.stats import binomtest
 from torch import Tensor, nn
 
+from robust.attacks.smoothed_pgd import sample_noise
 from robust.certify.bounds import cohen_l2_radius, laplace_l1_radius, pixeldp_l2_radius, renyi_l2_radius
 from robust.certify.confidence import lower_bound, upper_bound
 from robust.device import fast_layout
@@ -54,7 +61,7 @@ CERTIFY_PRESETS: Dict[str, Dict[str, Union[int, float]]] = {
     "cohen": {"n0": 100, "n": 100_000, "confidence": 0.999},
 }
 
-DEFAULT_LOOKS = 10  # early stopping without ``batch``: about this many looks
+DEFAULT_LOOKS = 10  # early stopping without ``batch``: this many looks (fewer only when n < 10)
 
 # (num, first_sample, stream) -> int64 counts per class of samples
 # [first_sample, first_sample + num) of that stream ("select" or "estimate").
@@ -66,9 +73,13 @@ class Certificate:
     """The outcome of ``certify`` for one input.
 
     ``radius`` maps a bound name (``BOUNDS[noise]``) to its certified radius,
-    all 0 when ``prediction == ABSTAIN``.  ``samples_used`` counts every noisy
-    forward pass, selection included (n0 + the estimation samples drawn, which
-    is below n0 + n only with early stopping).
+    all 0 when ``prediction == ABSTAIN``; a bound whose radius is 0 abstains
+    (:meth:`abstains`).  ``samples_used`` counts every noisy forward pass,
+    selection included (n0 + the estimation samples drawn, which is below
+    n0 + n only with early stopping).  ``predict`` is Cohen et al.'s PREDICT on
+    the n estimation samples at the same confidence (a class or ABSTAIN); None
+    with early stopping, whose sample count depends on the samples (a binomial
+    test on optionally stopped samples does not hold its level).
     """
 
     prediction: int
@@ -82,10 +93,17 @@ class Certificate:
     noise: str
     seconds: float
     samples_used: int
+    predict: Optional[int] = None
+
+    def abstains(self, bound: str) -> bool:
+        """Whether ``bound`` certifies nothing here: the pair test abstains, or the bound's own
+        test does (radius 0; Cohen's CERTIFY abstains when its p_A lower bound is <= 1/2)."""
+        return self.prediction == ABSTAIN or not self.radius[bound] > 0
 
     def certified_at(self, radius: float, bound: str) -> bool:
-        """Whether this certificate guarantees its prediction at distance ``radius``."""
-        return self.prediction != ABSTAIN and self.radius[bound] >= radius
+        """Whether this certificate guarantees its prediction at distance ``radius`` by ``bound``
+        (never where the bound abstains, at radius 0 included)."""
+        return not self.abstains(bound) and self.radius[bound] >= radius
 
 
 def _is_real(value: object) -> bool:
@@ -114,6 +132,34 @@ def check_sample_sizes(n0: int, n: int) -> None:
 def per_look_alpha(alpha: float, looks: int) -> float:
     """Error level of each of ``looks`` sequential looks: alpha / looks (union bound)."""
     return alpha / looks
+
+
+def look_batch(n: int) -> int:
+    """Estimation samples per look of early stopping: ceil(n / DEFAULT_LOOKS), so that there
+    are DEFAULT_LOOKS looks (n of them when n < DEFAULT_LOOKS) whatever the throughput chunk."""
+    return math.ceil(n / DEFAULT_LOOKS)
+
+
+def largest_radius(n: int, confidence: float, sigma: float, bound: str, looks: int = 1) -> float:
+    """The largest radius ``bound`` can certify from n estimation samples at ``confidence``:
+    every sample on the top class (k1 = n, k2 = 0), each of ``looks`` looks at level
+    alpha / looks (early stopping); 0 when even that abstains.  E.g. Cohen's bound at
+    sigma 0.25, n = 100, confidence 0.95, one look: 0.25 * Phi^-1(0.05^(1/100)) = 0.472."""
+    level = per_look_alpha(1.0 - confidence, looks)
+    radius = _decision_radii(np.array([n]), np.array([0]), np.array([n]), level, sigma, bound)
+    return max(float(radius[0]), 0.0)
+
+
+def check_reachable(radius: float, n: int, confidence: float, sigma: float, noise: str, bound: str,
+                    looks: int) -> None:
+    """ValueError (one line, naming the largest reachable radius) when ``radius`` cannot be
+    certified by ``bound`` at this sigma, n and confidence with ``looks`` looks."""
+    largest = largest_radius(n, confidence, sigma, bound, looks)
+    if radius > largest:
+        raise ValueError(
+            f"radius {radius:g} cannot be certified by the {bound} bound at sigma {sigma:g} ({noise}) with "
+            f"n = {n} and confidence {confidence:g} ({looks} look(s)): the largest reachable radius is "
+            f"{math.floor(largest * 1000) / 1000:.3f}; ask for a smaller radius, more samples (--n) or a larger sigma")
 
 
 def pair_bounds(counts: np.ndarray, top: int, alpha: float) -> Tuple[float, float]:
@@ -222,14 +268,17 @@ def certify_from_counts(
     bound b (renyi, pixeldp, laplace); the cohen radius holds with its own
     probability >= ``confidence`` (see ``radii_from_counts``).
 
-    Without ``early_stop``: n0 selection samples, then n estimation samples.
+    Without ``early_stop``: n0 selection samples, then n estimation samples;
+    ``predict`` is Cohen et al.'s PREDICT on the estimation counts.
     With ``early_stop=True`` and a requested ``radius``: estimation samples in
-    batches of ``batch`` (default ceil(n / DEFAULT_LOOKS)), stopping once the
+    batches of ``batch`` (default ``look_batch(n)``), stopping once the
     certificate at ``radius`` by ``bound`` (default the noise's first,
     ``BOUNDS[noise][0]``) is decided; each of the K = ceil(n / batch) looks
     runs at level alpha / K, and the reported bounds are those of the last
-    look.  ``samples_used`` reports the cost.  ``radius`` and ``bound`` are
-    used only with ``early_stop``.
+    look.  A radius no look could certify even with every sample on the top
+    class raises ValueError naming the largest reachable one.
+    ``samples_used`` reports the cost.  ``radius`` and ``bound`` are used only
+    with ``early_stop``.
     """
     start = time.perf_counter()
     check_noise(noise, sigma)
@@ -242,19 +291,22 @@ def certify_from_counts(
             raise ValueError(f"bound must be one of {BOUNDS[noise]} for {noise} noise, got {bound!r}")
         if radius is None or not (math.isfinite(radius) and radius >= 0):
             raise ValueError(f"early_stop needs the requested radius, a finite number >= 0, got {radius!r}")
-        batch = batch or math.ceil(n / DEFAULT_LOOKS)
+        batch = batch or look_batch(n)
         if int(batch) != batch or batch < 1:
             raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        check_reachable(radius, n, confidence, sigma, noise, bound, math.ceil(n / batch))
     top = int(np.argmax(sample_counts(n0, 0, "select")))
     if early_stop:
         counts, level = _sequential_counts(sample_counts, top, n, alpha, sigma, radius, batch, bound)
+        predict = None
     else:
         counts, level = sample_counts(n, 0, "estimate"), alpha
+        predict = predict_from_counts(counts, confidence)
     prediction, p1_lower, p2_upper, radius_by_bound = radii_from_counts(counts, top, level, sigma, noise)
     return Certificate(
         prediction=prediction, p1_lower=p1_lower, p2_upper=p2_upper, radius=radius_by_bound,
         n=n, n0=n0, confidence=confidence, sigma=sigma, noise=noise,
-        seconds=time.perf_counter() - start, samples_used=n0 + int(counts.sum()),
+        seconds=time.perf_counter() - start, samples_used=n0 + int(counts.sum()), predict=predict,
     )
 
 
@@ -273,17 +325,16 @@ def predict_from_counts(counts: np.ndarray, confidence: float) -> int:
 def certified_accuracy(
     certificates: Sequence[Certificate], labels: Sequence[int], radii: Sequence[float], bound: str
 ) -> np.ndarray:
-    """Fraction of inputs certified correct at each radius: prediction == label, not
-    abstained, and ``radius[bound] >= r`` (STN Figure 1, Cohen et al. Table 1).
-    At r = 0 it is the accuracy of the non-abstained predictions."""
+    """Fraction of inputs certified correct at each radius: prediction == label, the bound
+    does not abstain (``Certificate.abstains``), and ``radius[bound] >= r`` (STN Figure 1,
+    Cohen et al. Table 1).  At r = 0 it counts the correct predictions the bound certifies."""
     if len(certificates) != len(labels) or not certificates:
         raise ValueError(f"need one label per certificate (and at least one), got "
                          f"{len(certificates)} certificates and {len(labels)} labels")
     if any(bound not in c.radius for c in certificates):
         raise ValueError(f"bound {bound!r} is not in every certificate; they have {sorted(certificates[0].radius)}")
-    correct = np.array([c.prediction == y and c.prediction != ABSTAIN for c, y in zip(certificates, labels)])
-    certified = np.array([c.radius[bound] for c in certificates])
-    return np.array([np.mean(correct & (certified >= r)) for r in radii])
+    return np.array([np.mean([c.prediction == y and c.certified_at(r, bound) for c, y in zip(certificates, labels)])
+                     for r in radii])
 
 
 def default_chunk(device: torch.device, input_numel: Optional[int] = None) -> int:
@@ -383,14 +434,6 @@ class Smooth:
         self.chunk = int(chunk) if chunk is not None else default_chunk(self.device, numel)
         self.seed = seed
 
-    def _noise(self, shape: Tuple[int, ...], generator: torch.Generator) -> Tensor:
-        kwargs = dict(generator=generator, device=self.device, dtype=torch.float32)
-        if self.noise == "gaussian":
-            return torch.randn(shape, **kwargs) * self.sigma
-        # Laplace(0, lambda) = lambda * (E1 - E2) with E1, E2 i.i.d. Exponential(1).
-        exponentials = torch.empty((2, *shape), device=self.device, dtype=torch.float32)
-        exponentials.exponential_(generator=generator)
-        return (exponentials[0] - exponentials[1]) * self.sigma
 
     def sample_counts(
         self, x: Tensor, n: int, image_id: int, first_chunk: int = 0, stream: str = "estimate"
@@ -414,7 +457,8 @@ class Smooth:
                 size = min(self.chunk, n - c * self.chunk)
                 seed = derive_seed(self.seed, image_id, first_chunk + c, *_STREAM_TAGS[stream])
                 generator = torch.Generator(self.device).manual_seed(seed)
-                logits = self.model(fast_layout(x.unsqueeze(0) + self._noise((size, *x.shape), generator)))
+                copies = x.unsqueeze(0).expand(size, *x.shape)
+                logits = self.model(fast_layout(copies + sample_noise(copies, self.noise, self.sigma, generator)))
                 if logits.shape[-1] != self.num_classes:
                     raise ValueError(f"model returns {logits.shape[-1]} logits, Smooth expects {self.num_classes}")
                 counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
@@ -441,17 +485,20 @@ class Smooth:
     ) -> Certificate:
         """Certify x ([C x H x W]): see ``certify_from_counts`` for the procedure and guarantee.
 
-        With ``early_stop``, ``batch`` must be a multiple of ``self.chunk`` so
-        that every look ends on a chunk boundary; the default is the multiple
-        of the chunk nearest above ceil(n / DEFAULT_LOOKS).
+        With ``early_stop`` the looks follow n, not the throughput chunk: ``batch``
+        (default ``look_batch(n)``) samples per look, drawn in passes of at most
+        ``self.chunk`` copies.  Look j takes the estimation chunks from
+        j * ceil(batch / chunk) on (its last one partial when the chunk does not
+        divide the batch), so every chunk seed is used once.
         """
-        if early_stop:
-            batch = batch or self.chunk * math.ceil(math.ceil(n / DEFAULT_LOOKS) / self.chunk)
-            if batch % self.chunk:
-                raise ValueError(f"batch must be a multiple of chunk = {self.chunk}, got {batch}")
+        look = batch or look_batch(n)  # certify_from_counts validates it before any sample is drawn
 
         def sample_counts(num: int, first_sample: int, stream: str) -> np.ndarray:
-            return self.sample_counts(x, num, image_id, first_sample // self.chunk, stream)
+            if early_stop and stream == "estimate":
+                first_chunk = (first_sample // look) * math.ceil(look / self.chunk)
+            else:
+                first_chunk = first_sample // self.chunk
+            return self.sample_counts(x, num, image_id, first_chunk, stream)
 
         return certify_from_counts(
             sample_counts, n0, n, confidence, self.sigma, self.noise,

@@ -13,7 +13,10 @@ The loop never asks which defense it runs.  It asks the defense to
     (counters, schedule positions), saved in every checkpoint so a resumed
     trial continues exactly;
   * ``validation_metrics``: add the selection metrics the defense is judged by
-    (e.g. certified accuracy for additive-noise defenses), on the validation split.
+    (e.g. certified accuracy for additive-noise defenses), on the validation split;
+  * ``deployed``: the classifier the defense deploys at test time around the trained
+    network, which evaluation attacks and scores (an additive-noise defense's noisy
+    classifier; the network itself otherwise).
 Every hook has the behaviour of plain training by default.
 """
 from __future__ import annotations
@@ -27,6 +30,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from robust.data.base import ImageSplit
+
+#: The ``classifier`` value of rows that score the trained network without its deployment
+#: (``launch/evaluate.py --classifier base``); deployed rows carry :func:`classifier_name`.
+BASE = "base"
+DEPLOYED = "deployed"
 
 
 class BatchLoss(NamedTuple):
@@ -114,3 +122,21 @@ class Defense:
                            seed: int) -> Dict[str, float]:
         """Extra selection metrics on the validation split (computed on every rank)."""
         return {}
+
+    def deployed(self, model: nn.Module, noisy_copies: int = 1) -> nn.Module:
+        """The classifier the defense deploys at test time, built around the trained ``model``.
+
+        What every evaluation attack runs on and every verdict scores.  The model
+        itself by default; an additive-noise defense returns its noisy classifier,
+        ``noisy_copies`` being the n of STN's Algorithm 1 (ignored by the others).
+        A deployed classifier may name itself through a ``classifier_name``
+        attribute (:func:`classifier_name`).
+        """
+        return model
+
+
+def classifier_name(deployed: nn.Module) -> str:
+    """What the rows of a deployed classifier call it: its ``classifier_name`` attribute (e.g.
+    'noisy(n=1,sigma=0.25,gaussian)'), else 'deployed' (the trained network is what is deployed)."""
+    name = getattr(deployed, "classifier_name", None)
+    return name if isinstance(name, str) else DEPLOYED

@@ -41,6 +41,13 @@ Choices the paper leaves open, and ours:
   those of its own inputs).
 
 Noise is drawn from ``TrainStep.generator``, so training is reproducible from the seed.
+
+At test time the defense deploys Algorithm 1's noisy classifier, never the
+noise-free base network: :meth:`StabilityTrainingWithNoise.deployed` returns the
+class voted by n noisy copies x + r_i (n = 1 by default, "sufficient if only the
+robust classification c is desired", Algorithm 1), which every evaluation attack
+scores and attacks with EOT through the noise (section 6.2).  Certification
+(:class:`robust.certify.Smooth`) draws its own noise around the base network.
 """
 from __future__ import annotations
 
@@ -51,27 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# One implementation of additive input noise for training, the deployed classifier,
+# attacks and certification (sample_noise is re-exported here for STN's users).
+from robust.attacks.smoothed_pgd import NOISES, AdditiveNoise, sample_noise  # noqa: F401
 from robust.data.base import ImageSplit
 from robust.defenses import DEFENSES
 from robust.defenses.base import BatchLoss, Defense, TrainStep
-
-NOISES = ("gaussian", "laplace")
-
-
-def sample_noise(x: Tensor, noise: str, sigma: float, generator: torch.Generator) -> Tensor:
-    """i.i.d. noise shaped like ``x``: N(0, sigma^2) or Laplace(0, sigma) per coordinate.
-
-    Laplace(0, lambda) is drawn as lambda * (E1 - E2) with E1, E2 ~ Exp(1)
-    independent (the difference of two unit exponentials is a unit Laplace),
-    since torch has no Laplace sampler that takes a generator.
-    ``generator`` must live on ``x.device``.
-    """
-    if noise == "gaussian":
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * sigma
-    if noise == "laplace":
-        e = torch.empty((2, *x.shape), device=x.device, dtype=x.dtype).exponential_(1.0, generator=generator)
-        return (e[0] - e[1]) * sigma
-    raise ValueError(f"unknown noise {noise!r}; valid choices: {', '.join(NOISES)}")
 
 
 def stability_loss(clean_logits: Tensor, noisy_logits: Tensor) -> Tensor:
@@ -151,6 +143,11 @@ class StabilityTrainingWithNoise(Defense):
             cert = smooth.certify(x.to(device), n0=10, n=cfg.val_n, confidence=0.95, image_id=int(index))
             certified += int(cert.prediction == int(y) and cert.radius[bound] >= cfg.val_radius)
         return {"val_certified_acc": certified / max(len(positions), 1)}
+
+    def deployed(self, model: nn.Module, noisy_copies: int = 1) -> nn.Module:
+        """Algorithm 1's classifier: the class voted by ``noisy_copies`` copies x + r, r the
+        training noise (:class:`robust.attacks.smoothed_pgd.AdditiveNoise`)."""
+        return AdditiveNoise(model, self.config.sigma, self.config.noise, copies=noisy_copies)
 
 
 def _num_classes(module: nn.Module, split: ImageSplit, device: torch.device) -> int:

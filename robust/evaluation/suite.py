@@ -8,7 +8,9 @@
     apgd-rand                 AutoAttack's protocol for randomized defenses: APGD-CE then
                               APGD-DLR, 100 iterations, 20 EOT samples, 1 restart
     smoothed-pgd[-N]:sigma=S  PGD-N (default 20) on the model under the certification noise,
-                              gradient averaged over n0 = 100 noise draws (STN section 6.2)
+                              gradient averaged over n0 = 100 noise draws (STN section 6.2); on a
+                              classifier that already adds noise (stn's deployed one) it attacks
+                              that classifier as it is, and S must be its sigma
     few-pixel-D               black-box: differential evolution changing at most D pixels
                               (norm l0, eps = D; population 400, 75 iterations: Learn2Perturb A.5)
     localsearch               black-box: LocalSearch (Narodytska & Kasiviswanathan 2017, the SDR

@@ -215,6 +215,15 @@ def summarize_experiment(fs: pafs.FileSystem, root: str, experiment: str) -> Lis
         best = max(members, key=lambda t: (_finite(t.val_metric), -t.seed))
         out.append(ConfigSummary(experiment, defense, config_id, describe_config(rows[0]["config"]),
                                  members, best))
+    by_trial = {r["trial"]: r for r in done}
+    for key in sorted(results):  # other classifiers of a trial ('<trial>:base', '<trial>:n=5'): one line each
+        parent, _, variant = key.partition(":")
+        if variant and parent in by_trial:
+            row, result = by_trial[parent], results[key]
+            result.seed, (result.metric, result.val_metric) = row["seed"], selection_metric(row)
+            label = "base network" if variant == "base" else f"noisy {variant}"
+            out.append(ConfigSummary(experiment, row["defense"], f"{row['config_id']}:{variant}",
+                                     f"{describe_config(row['config'])} [{label}]", [result], result))
     return out
 
 

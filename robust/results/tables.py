@@ -47,9 +47,38 @@ def transfer_rows(fs: pafs.FileSystem, root: str, names: Dict[str, str]) -> Tupl
 CERTIFY_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)  # Cohen et al. Table 1 radii (plus 0)
 
 
+def parse_radii(text: str) -> Tuple[float, ...]:
+    """Radii a user names ('0.1,0.3'): finite numbers >= 0; ValueError naming a bad one."""
+    radii = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"--radii: {item.strip()!r} is not a number; give radii >= 0 separated by "
+                             "commas, e.g. 0.1,0.3") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--radii: {item.strip()} is not a finite radius >= 0; e.g. 0.1,0.3")
+        radii.append(value)
+    return tuple(radii)
+
+
+def with_default_radii(radii: Sequence[float]) -> Tuple[float, ...]:
+    """``radii`` besides the defaults (``CERTIFY_RADII``), sorted, each once."""
+    return tuple(sorted(set(CERTIFY_RADII) | set(radii)))
+
+
 def certified_curves(fs: pafs.FileSystem, root: str, radii: Sequence[float] = CERTIFY_RADII) -> List[dict]:
-    """Certified accuracy at each radius per (trial, sigma, bound): correct, not
-    abstained, and the bound's radius >= r (STN Figure 1, Cohen et al. Table 1)."""
+    """Certified accuracy at each radius per (trial, sigma, bound) (STN Figure 1, Cohen et al.
+    Table 1): the prediction is correct, the bound does not abstain, and its radius >= r.
+
+    A bound abstains where the pair test does (``abstain``) or its radius is 0 (Cohen's
+    CERTIFY abstains when its p_A lower bound is <= 1/2 even when the pair test
+    predicts): such images are certified at no radius, 0 included
+    (``robust.certify.Certificate.abstains``; the rule reads the radius, so files
+    written before the ``abstain_<bound>`` columns give the same numbers).  ``abstain``
+    is that bound's abstention rate.  ``predict``: Cohen's PREDICT accuracy with
+    abstain counted as wrong, over the images that have it (None where none has).
+    """
     table = read_kind(fs, root, "certify")
     if table.num_rows == 0:
         return []
@@ -60,24 +89,30 @@ def certified_curves(fs: pafs.FileSystem, root: str, radii: Sequence[float] = CE
     for i, key in enumerate(zip(data["trial"], data["sigma"])):
         groups.setdefault(key, []).append(i)
     for (trial, sigma), idx in sorted(groups.items()):
+        predicted = [data["predict_correct"][i] for i in idx] if "predict_correct" in data else []
+        predicted = [p for p in predicted if p is not None]
         for bound in bounds:
             radius = [data[f"radius_{bound}"][i] for i in idx]
             if any(r is None for r in radius):
                 continue
-            ok = [data["correct"][i] and not data["abstain"][i] for i in idx]
+            certifies = [not data["abstain"][i] and r > 0 for i, r in zip(idx, radius)]
+            ok = [data["correct"][i] and c for i, c in zip(idx, certifies)]
             out.append({"trial": trial, "sigma": float(sigma), "bound": bound, "n_images": len(idx),
-                        "abstain": sum(data["abstain"][i] for i in idx) / len(idx),
+                        "abstain": 1 - sum(certifies) / len(idx),
                         "samples": sum(data["samples_used"][i] for i in idx) / len(idx),
+                        "predict": sum(predicted) / len(predicted) if predicted else None,
                         "accuracy": [sum(o and r >= t for o, r in zip(ok, radius)) / len(idx) for t in radii]})
     return out
 
 
 def certified_rows(curves: Sequence[dict], names: Dict[str, str], radii: Sequence[float] = CERTIFY_RADII
                    ) -> Tuple[List[str], List[List[str]]]:
-    header = ["model", "sigma", "bound", "images", "abstain [%]", "samples/image"] + \
+    """The certified-accuracy table; 'PREDICT [%]' is Cohen's PREDICT accuracy (abstain = wrong)."""
+    header = ["model", "sigma", "bound", "images", "abstain [%]", "samples/image", "PREDICT [%]"] + \
         [f"r={r:g}" for r in radii]
     rows = [[names.get(c["trial"], c["trial"]), f"{c['sigma']:g}", c["bound"], str(c["n_images"]),
-             f"{100 * c['abstain']:.1f}", f"{c['samples']:.0f}"] + [f"{100 * a:.1f}" for a in c["accuracy"]]
+             f"{100 * c['abstain']:.1f}", f"{c['samples']:.0f}",
+             "-" if c["predict"] is None else f"{100 * c['predict']:.1f}"] + [f"{100 * a:.1f}" for a in c["accuracy"]]
             for c in curves]
     return header, rows
 
