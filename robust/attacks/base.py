@@ -217,4 +217,4 @@ class GradientAttack(Attack):
     def is_stochastic(self, model: nn.Module, x: Tensor) -> bool:
         """Whether the attacked model's forward passes differ (asked once per attack call;
         the answer decides which rules of :mod:`robust.attacks.verdict` apply)."""
-        return verdict.is_stochastic(model, x[:1])
+        return verdict.is_stochastic(model, x)

@@ -17,6 +17,23 @@ per example over windows of ``adapt_every`` = 10 steps and the sizes scaled
 by 1.5 up or down; ``steps`` = 1000 by default (2 queries per step) where the
 paper runs far longer on ImageNet.
 
+On a stochastic model (QueryAttack, the verdict's rule) every decision is taken
+from k = ``query_draws`` draws and a point counts as adversarial only where every
+draw misclassifies it: the clean image is "already misclassified", a noise start
+is found, the binary search's upper end holds, and a step is accepted, only so.
+The walk then follows the boundary of the region that the model misclassifies
+with high probability; with one draw it drifts towards points that a lucky draw
+misclassified.  That region may lie beyond the budget where the model's
+probability of error rises slowly (the walk stalls outside it), so a bounded walk
+that ends outside the budget offers one more candidate: its point moved along the
+line to the clean image onto the eps-sphere, returned where its k draws score
+(fraction correct) below the clean image's.  Measured on the digits small-cnn
+with input noise (sigma 0.3, 32 examples, 300 steps, L2 eps 1.5): fresh-draw
+robust score 0.646 with k = 8 against 0.690 with k = 1; a majority of the k draws
+as acceptance gave 0.657 and walks to points that fresh draws classify correctly
+more often, so the every-draw rule is kept.  On a deterministic model the attack
+is the paper's (a walk short of the budget returns the clean image).
+
 Threat model: with a finite eps (L2) the attack succeeds on an example when
 it reaches a distance <= eps, stops there, and returns the clean image
 otherwise (so accuracy under it is comparable to L2 PGD at the same eps);
@@ -32,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from robust.attacks import ATTACKS
-from robust.attacks.queries import QueryAttack, check_positive_int
+from robust.attacks.queries import DEFAULT_QUERY_DRAWS, QueryAttack, check_positive_int
 
 
 def _norms(t: Tensor) -> Tensor:
@@ -53,8 +70,9 @@ class Boundary(QueryAttack):
         source_step: epsilon, step towards the clean image relative to the distance (0.01).
         adapt_every: steps per window of the step-size adaptation (10).
         init_tries: uniform-noise draws to find an adversarial start (100).
-        seed: seeds the noise.  query_chunk: see QueryAttack.
-    Shapes: x (N,C,H,W) in [0,1], y (N,) -> x_adv like x.
+        seed: seeds the noise.  query_chunk, query_draws: see QueryAttack.
+    Shapes: x (N,C,H,W) in [0,1], y (N,) -> x_adv like x.  After a call ``queries`` (N,)
+    holds the model input rows spent per example.
     Example: ``Boundary(eps=0.5, steps=1000)(model, x, y)``.
     """
 
@@ -62,8 +80,8 @@ class Boundary(QueryAttack):
 
     def __init__(self, eps: float = math.inf, steps: int = 1000, spherical_step: float = 0.01,
                  source_step: float = 0.01, adapt_every: int = 10, init_tries: int = 100, seed: int = 0,
-                 query_chunk: Optional[int] = None) -> None:
-        super().__init__(query_chunk)
+                 query_chunk: Optional[int] = None, query_draws: int = DEFAULT_QUERY_DRAWS) -> None:
+        super().__init__(query_chunk, query_draws)
         if not eps > 0:
             raise ValueError(f"boundary: eps must be > 0 (or inf), got {eps}")
         if not (0 < spherical_step < 1 and 0 < source_step < 1):
@@ -77,18 +95,19 @@ class Boundary(QueryAttack):
 
     def _start(self, model: nn.Module, x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """(adversarial start, found) by uniform noise then a binary search towards x (section 3.1)."""
+        everyone = torch.arange(len(x), device=x.device)
         start, found = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(self.init_tries):
             if bool(found.all()):
                 break
             noise = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
-            hit = ~found & self.is_adversarial(model, noise, y)
+            hit = ~found & self.broken(model, noise, y, everyone)
             start[hit], found = noise[hit], found | hit
         lo = torch.zeros(len(x), device=x.device, dtype=x.dtype)   # blend 0 = x (not adversarial)
         hi = torch.ones(len(x), device=x.device, dtype=x.dtype)    # blend 1 = start (adversarial)
         for _ in range(10):
             mid = (lo + hi) / 2
-            adv = self.is_adversarial(model, x + _bcast(mid, x) * (start - x), y)
+            adv = self.broken(model, x + _bcast(mid, x) * (start - x), y, everyone)
             hi, lo = torch.where(adv, mid, hi), torch.where(adv, lo, mid)
         return torch.where(_bcast(found, x), x + _bcast(hi, x) * (start - x), x), found
 
@@ -106,9 +125,11 @@ class Boundary(QueryAttack):
         sphere = sphere.clamp(0, 1)
         return sphere, (sphere + _bcast(epsilon, x) * (x - sphere)).clamp(0, 1)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def search(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         g = torch.Generator(device=x.device).manual_seed(self.seed)
-        already = self.is_adversarial(model, x, y)
+        everyone = torch.arange(len(x), device=x.device)
+        clean_score, _ = self.query(model, x, y, everyone)
+        already = clean_score == 0  # every draw misclassifies the clean image
         cur, found = self._start(model, x, y, g)
         cur = torch.where(_bcast(already, x), x, cur)
         n = len(x)
@@ -124,8 +145,8 @@ class Boundary(QueryAttack):
                 break
             idx = active.nonzero().squeeze(1)
             sphere, cand = self._candidate(x[idx], cur[idx], delta[idx], epsilon[idx], g)
-            on_sphere = self.is_adversarial(model, sphere, y[idx])
-            ok = self.is_adversarial(model, cand, y[idx])
+            on_sphere = self.broken(model, sphere, y[idx], idx)
+            ok = self.broken(model, cand, y[idx], idx)
             cur[idx] = torch.where(_bcast(ok, cand), cand, cur[idx])
             sphere_ok[idx] += on_sphere.float()
             step_ok[idx] += ok.float()
@@ -135,10 +156,28 @@ class Boundary(QueryAttack):
                 epsilon = torch.where(rate_t > 0.2, epsilon * 1.5, epsilon / 1.5).clamp(1e-6, 0.5)
                 sphere_ok.zero_()
                 step_ok.zero_()
-        if math.isfinite(self.eps):  # bounded: a point outside the budget is a failure
+        if not math.isfinite(self.eps):
+            return cur
+        inside = _norms(cur - x) <= self.eps + 1e-6
+        if self.stochastic:
+            cur = self._pull_into_budget(model, x, y, cur, found & ~already & ~inside, clean_score)
             inside = _norms(cur - x) <= self.eps + 1e-6
-            cur = torch.where(_bcast(inside, x), cur, x)
-        return cur
+        return torch.where(_bcast(inside, x), cur, x)  # bounded: a point outside the budget is a failure
+
+    def _pull_into_budget(self, model: nn.Module, x: Tensor, y: Tensor, cur: Tensor, short: Tensor,
+                          clean_score: Tensor) -> Tensor:
+        """Stochastic models: where the walk ended outside the budget (``short``), its point moved
+        along the line to x onto the eps-sphere, kept where its k draws score below x's."""
+        if not bool(short.any()):
+            return cur
+        idx = short.nonzero().squeeze(1)
+        to_cur = cur[idx] - x[idx]
+        pulled = (x[idx] + to_cur * (self.eps / _bcast(_norms(to_cur), to_cur))).clamp(0, 1)
+        score, _ = self.query(model, pulled, y[idx], idx)
+        won = score < clean_score[idx]
+        out = cur.clone()
+        out[idx[won]] = pulled[won]
+        return out
 
 
 @ATTACKS.register("boundary")

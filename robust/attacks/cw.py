@@ -20,8 +20,22 @@ Choices where the papers leave room:
   * a step stops early when the objective has not decreased by 0.01% over the
     last tenth of the iterations (Carlini & Wagner's "abort early");
   * c never exceeds ``max_const`` (1e10, Learn2Perturb's range);
-  * with EOT the gradient of the margin term and the kappa test use the
-    means over ``eot_samples`` stochastic passes;
+  * with EOT the gradient of the margin term is the mean over ``eot_samples``
+    stochastic passes;
+  * the kappa test is one pass on a deterministic model (the mean logits of
+    ``eot_samples`` identical passes), and each step keeps its closest iterate
+    that passes it.  On a stochastic model it is the verdict's rule for
+    minimal-norm attacks (:mod:`robust.attacks.minimal_norm`): fewer than half
+    of ``eot_samples`` fresh draws have a margin above -kappa, and further fresh
+    draws confirm it by a binomial test; never the margin of the EOT-mean
+    logits.  Each step
+    then runs all its iterations (no abort early: the objective is a noisy
+    estimate) and only its final iterate is judged: testing every iterate near
+    the boundary and keeping the closest that passes would let the luckiest of
+    hundreds of batches of draws decide (measured on a linear model with
+    Gaussian input noise: 0-17% of the points so chosen were misclassified by
+    a majority of draws, against 96-100% of the final iterates); the binary
+    search over c does the minimising;
   * where no adversarial point was found the clean input is returned (the
     attack failed; the protocol records an infinite distance).
 """
@@ -32,7 +46,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from robust.attacks import ATTACKS
+from robust.attacks import ATTACKS, minimal_norm
 from robust.attacks.base import GradientAttack
 
 
@@ -54,6 +68,8 @@ class CarliniWagnerL2(GradientAttack):
         abort_early: stop a binary-search step once the objective stalls;
         seed: accepted for a uniform attack signature (C&W draws nothing);
         eot_samples, eot_chunk: see GradientAttack.
+    Stochastic model: each binary-search step runs in full and its final iterate counts as found
+    only when a binomial test on fresh draws puts it past the vote boundary (module docstring).
     Shapes: x (N,C,H,W) in [0,1], y (N,) -> x_adv like x (x itself where the attack failed).
     Example: ``CarliniWagnerL2(kappa=5)(model, x, y)``.
     """
@@ -81,8 +97,9 @@ class CarliniWagnerL2(GradientAttack):
         upper = torch.full((n,), float("inf"), device=x.device)
         best_dist = torch.full((n,), float("inf"), device=x.device)
         best = x.clone()
+        stochastic = self.is_stochastic(model, x)
         for _ in range(self.search_steps):
-            x_found, dist, success = self._minimise(model, x, y, const)
+            x_found, dist, success = self._minimise(model, x, y, const, stochastic)
             better = success & (dist < best_dist)
             best[better], best_dist[better] = x_found[better], dist[better]
             # Binary search (per example): success -> smaller c, failure -> larger c.
@@ -93,11 +110,12 @@ class CarliniWagnerL2(GradientAttack):
         return best
 
     def _minimise(self, model: nn.Module, x: Tensor, y: Tensor,
-                  const: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                  const: Tensor, stochastic: bool) -> Tuple[Tensor, Tensor, Tensor]:
         """One binary-search step: Adam on w for fixed c.
 
-        Returns the smallest-distance point reaching the kappa margin (N, ...),
-        its L2 distance (N,), inf where none, and whether one was found (N,).
+        Returns the smallest-distance point reaching the kappa margin (N, ...) (on a
+        stochastic model: for a confirmed majority of draws), its L2 distance (N,), inf
+        where none, and whether one was found (N,).
         """
         n = x.shape[0]
         w = torch.atanh((2 * x - 1) * (1 - 1e-6)).detach().requires_grad_(True)
@@ -114,6 +132,8 @@ class CarliniWagnerL2(GradientAttack):
             # d/dw of ||x' - x||^2 + c f(x'): the hinge part through its EOT gradient in x'.
             (dist_sq.sum() + (x_adv * margin_grad).sum()).backward()
             optimizer.step()
+            if stochastic:  # only the final iterate is judged (module docstring)
+                continue
             reached = margin(logits, y) <= -self.kappa
             dist = dist_sq.detach().sqrt()
             better = reached & (dist < best_dist)
@@ -123,6 +143,11 @@ class CarliniWagnerL2(GradientAttack):
                 if objective > previous * 0.9999:
                     break
                 previous = objective
+        if stochastic:
+            final = ((torch.tanh(w) + 1) / 2).detach()
+            screen = self._short_of_kappa(minimal_norm.fresh_draws(self, model, final), y)
+            found = minimal_norm.confirm(self, model, final, y, screen, self._short_of_kappa)
+            best[found], best_dist[found] = final[found], (final - x).flatten(1).norm(dim=1)[found]
         return best, best_dist, torch.isfinite(best_dist)
 
     def _margin_term(self, model: nn.Module, x_adv: Tensor, y: Tensor,
@@ -137,6 +162,12 @@ class CarliniWagnerL2(GradientAttack):
 
         grad, value = self.loss_and_gradient(model, x_adv, y, hinge)
         return grad, value, torch.stack(logit_sums).sum(0) / self.eot_samples
+
+    def _short_of_kappa(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Fraction of the draws (S, N, K) whose margin stays above -kappa (N,): the draws
+        the point does not fool with confidence kappa."""
+        s, n = logits.shape[:2]
+        return (margin(logits.flatten(0, 1), y.repeat(s)) > -self.kappa).float().view(s, n).mean(0)
 
 
 @ATTACKS.register("cw-l2")

@@ -26,7 +26,14 @@ Choices where the paper leaves room:
   * where the label never changes within ``steps`` iterations the clean input
     is returned (the attack failed; the protocol records an infinite distance);
   * with EOT the values and gradients of f'_k are the means over
-    ``eot_samples`` stochastic passes, and "label changed" uses the mean logits.
+    ``eot_samples`` stochastic passes;
+  * "label changed" is one pass on a deterministic model (the mean logits of
+    ``eot_samples`` identical passes); on a stochastic model it is the verdict's
+    rule for minimal-norm attacks (:mod:`robust.attacks.minimal_norm`): fewer
+    than half of the linearisation's draws at the point classify it correctly,
+    and fresh draws confirm it by a binomial test; never the argmax of the
+    EOT-mean logits.  An unconfirmed point keeps iterating; a confirmed one ends
+    the search, since every later step moves further from x.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from robust.attacks import ATTACKS
+from robust.attacks import ATTACKS, minimal_norm, verdict
 from robust.attacks.base import GradientAttack
 
 
@@ -49,6 +56,8 @@ class DeepFool(GradientAttack):
         candidates: the classes considered, the top ones at the clean point (None: all);
         seed: accepted for a uniform attack signature (DeepFool draws nothing);
         eot_samples, eot_chunk: see GradientAttack.
+    Stochastic model: the label has changed when a binomial test on fresh draws puts the point
+    past the vote boundary, not when the EOT-mean logits say so (module docstring).
     Shapes: x (N,C,H,W) in [0,1], y (N,) -> x_adv like x (x itself where the attack failed).
     Example: ``DeepFool()(model, x, y)``.
     """
@@ -71,19 +80,22 @@ class DeepFool(GradientAttack):
         self.crossing = float(crossing)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        logits = self._mean_logits(model, x)
+        stochastic = self.is_stochastic(model, x)
+        logits, fooled = self._judge_fresh(model, x, y, stochastic)  # already misclassified: distance 0
         classes = self._candidate_classes(logits, y)
         r_tot, x_adv = torch.zeros_like(x), x.clone()
-        fooled = logits.argmax(1) != y  # already misclassified: distance 0
         for step in range(self.steps + 1):
             idx = (~fooled).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             if step == self.steps:  # only check the label of the last step
-                fooled[idx] = self._mean_logits(model, x_adv[idx]).argmax(1) != y[idx]
+                fooled[idx] = self._judge_fresh(model, x_adv[idx], y[idx], stochastic)[1]
                 break
-            values, grads, logits = self._linearise(model, x_adv[idx], y[idx], classes[idx])
-            now = logits.argmax(1) != y[idx]
+            values, grads, logits, score = self._linearise(model, x_adv[idx], y[idx], classes[idx])
+            if stochastic:
+                now = minimal_norm.confirm(self, model, x_adv[idx], y[idx], score)
+            else:
+                now = logits.argmax(1) != y[idx]
             fooled[idx[now]] = True
             idx, values, grads = idx[~now], values[~now], grads[:, ~now]
             r_tot[idx] = r_tot[idx] + self._step_to_nearest_boundary(values, grads, self.crossing)
@@ -91,9 +103,14 @@ class DeepFool(GradientAttack):
         return torch.where(fooled.view(-1, *([1] * (x.dim() - 1))), x_adv, x)
 
     @torch.no_grad()
-    def _mean_logits(self, model: nn.Module, x: Tensor) -> Tensor:
-        """Logits averaged over ``eot_samples`` passes (N, K)."""
-        return sum(model(x).float() for _ in range(self.eot_samples)) / self.eot_samples
+    def _judge_fresh(self, model: nn.Module, x: Tensor, y: Tensor, stochastic: bool) -> Tuple[Tensor, Tensor]:
+        """Logits averaged over ``eot_samples`` passes (N, K) and whether x is misclassified (N,):
+        by the mean logits on a deterministic model, by the minimal-norm rule on a stochastic one."""
+        if stochastic:
+            draws = minimal_norm.fresh_draws(self, model, x)
+            return draws.mean(0), minimal_norm.confirm(self, model, x, y, verdict.correct_fraction(draws, y))
+        logits = sum(model(x).float() for _ in range(self.eot_samples)) / self.eot_samples
+        return logits, logits.argmax(1) != y
 
     def _candidate_classes(self, logits: Tensor, y: Tensor) -> Tensor:
         """(N, m) class indices k != y: all others, or the top ``candidates`` - 1 by logit."""
@@ -118,9 +135,10 @@ class DeepFool(GradientAttack):
         return scale.view(-1, *([1] * (w.dim() - 1))) * w
 
     def _linearise(self, model: nn.Module, x: Tensor, y: Tensor,
-                   classes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                   classes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """EOT means of f'_k = z_k - z_y for k in ``classes`` (N, m), their input gradients
-        (m, N, ...) and the mean logits (N, K).
+        (m, N, ...), the mean logits (N, K) and the fraction of the passes whose top-1
+        class is y (N,).
 
         The S stochastic passes are stacked along the batch as in GradientAttack,
         and one forward pass serves the m backward passes.
@@ -130,20 +148,22 @@ class DeepFool(GradientAttack):
         m = classes.shape[1]
         grads = torch.zeros((m,) + tuple(x.shape), device=x.device, dtype=x.dtype)
         values = torch.zeros(n, m, device=x.device)
-        logit_sum = 0.0
+        logit_sum, hits = 0.0, torch.zeros(n, device=x.device)
         remaining = self.eot_samples
         while remaining > 0:
             copies = min(self.copies_per_pass(model, x), remaining)
             xs = x.repeat(copies, *([1] * (x.dim() - 1))) if copies > 1 else x
-            logits = model(xs).float().view(copies, n, -1).sum(0)       # summed over the copies
+            per_copy = model(xs).float().view(copies, n, -1)
+            logits = per_copy.sum(0)                                     # summed over the copies
             diff = logits.gather(1, classes) - logits.gather(1, y[:, None])
             for k in range(m):
                 grads[k] += torch.autograd.grad(diff[:, k].sum(), x, retain_graph=k < m - 1)[0]
             values += diff.detach()
             logit_sum = logit_sum + logits.detach()
+            hits += (per_copy.detach().argmax(-1) == y[None]).float().sum(0)
             remaining -= copies
         s = self.eot_samples
-        return values / s, grads / s, logit_sum / s
+        return values / s, grads / s, logit_sum / s, hits / s
 
 
 @ATTACKS.register("deepfool")

@@ -30,8 +30,27 @@ Choices where the paper leaves room:
     misses the box, the box point furthest along d is taken;
   * restarts after the first start from a uniform point of the ball of radius
     min(eps, ||best - x||) / 2 around x (the first run starts at x itself);
-  * with EOT, f and w are the means over ``eot_samples`` passes and
-    "misclassified" uses the mean logits;
+  * with EOT, f and w are the means over ``eot_samples`` passes;
+  * "misclassified" is one pass on a deterministic model (the mean logits of
+    ``eot_samples`` identical passes).  On a stochastic model it is a majority
+    of ``eot_samples`` fresh draws (never the argmax of the EOT-mean logits);
+    that decides the final search step, so FAB converges onto the vote's
+    boundary, where a draw is right half the time.  In minimal mode a run's
+    answer is therefore the first point along its closest such iterate's
+    perturbation, scaled by 1, 1.05, ..., 2 (:data:`WALK`), that the
+    minimal-norm rule accepts on fresh draws (:mod:`robust.attacks.minimal_norm`);
+  * bounded mode on a stochastic model follows the verdict's rule
+    (:mod:`robust.attacks.verdict`): an example is already broken only when
+    every fresh draw misclassifies the clean input; the others run every
+    target and restart until a point of the ball has all its draws wrong, and
+    the point returned is, of the candidates, the one with the lowest fraction
+    of ``eot_samples`` fresh draws correct (ties: the lower margin
+    z_y - max_{k != y} z_k of the draws' mean logits).  The candidates are the
+    clean input, every iterate inside the ball and, for every iterate, its
+    perturbation scaled to the radius eps: FAB's iterates sit on the boundary,
+    where a stochastic model is right about half the time, while the verdict
+    asks for the point of the ball most draws get wrong (on a linear model with
+    Gaussian input noise the scaled points are the ball's best);
   * where nothing adversarial was found (within eps when bounded) the clean
     input is returned.
 """
@@ -42,10 +61,14 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from robust.attacks import ATTACKS
+from robust.attacks import ATTACKS, minimal_norm, verdict
 from robust.attacks.base import GradientAttack, threat_model
+from robust.attacks.cw import margin
 
 NORMS = ("linf", "l2")
+#: Minimal mode on a stochastic model: the factors by which a run's boundary point is pushed
+#: out until the minimal-norm rule accepts it (up to twice as far, in 5% steps).
+WALK = tuple(1.0 + 0.05 * j for j in range(21))
 
 
 def project_onto_hyperplane_in_box(point: Tensor, w: Tensor, r: Tensor, norm: str) -> Tensor:
@@ -96,6 +119,9 @@ class FABTargeted(GradientAttack):
         beta: final-search pull towards the original (0.9) (section 3.2);
         minimal: return the closest adversarial point found, whatever its size;
         seed: seeds the restarts; eot_samples, eot_chunk: see GradientAttack.
+    Stochastic model: "misclassified" is a majority of fresh draws; minimal mode returns points
+    a binomial test on fresh draws puts past the vote boundary; bounded mode returns the ball's
+    point with the fewest draws correct (module docstring).
     Shapes: x (N,C,H,W) in [0,1], y (N,) -> x_adv like x.
     Example: ``FABTargeted(eps=8/255)(model, x, y)``, ``FABTargeted(norm="l2", minimal=True)(model, x, y)``.
     """
@@ -125,29 +151,60 @@ class FABTargeted(GradientAttack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        logits = self._mean_logits(model, x)
-        ranking = logits.argsort(dim=1, descending=True)
+        stochastic = self.is_stochastic(model, x)
         best = x.clone()
         best_size = torch.full((x.shape[0],), float("inf"), device=x.device)
-        best_size[logits.argmax(1) != y] = 0.0  # already misclassified
+        kept = None  # bounded, stochastic: the ball's point the verdict most likely counts broken
+        if stochastic:
+            draws = minimal_norm.fresh_draws(self, model, x)
+            logits, score = draws.mean(0), verdict.correct_fraction(draws, y)
+            if self.minimal:
+                best_size[minimal_norm.confirm(self, model, x, y, score)] = 0.0  # already misclassified
+            else:
+                kept = (x.clone(), score, -margin(logits, y))
+        else:
+            logits = self._mean_logits(model, x)
+            best_size[logits.argmax(1) != y] = 0.0  # already misclassified
+        ranking = logits.argsort(dim=1, descending=True)
         budget = float("inf") if self.minimal else self.ball.eps
         for rank in range(1, min(self.targets, logits.shape[1] - 1) + 1):
             for restart in range(self.restarts):
-                todo = (best_size > budget).nonzero().squeeze(1) if not self.minimal else \
-                    (best_size > 0).nonzero().squeeze(1)
+                if kept is not None:  # broken: every draw misclassifies the kept point
+                    todo = (kept[1] > 0).nonzero().squeeze(1)
+                else:
+                    todo = (best_size > budget).nonzero().squeeze(1) if not self.minimal else \
+                        (best_size > 0).nonzero().squeeze(1)
                 if todo.numel() == 0:
-                    return best
-                x_run, size_run = self._run(model, x[todo], y[todo], ranking[todo, rank],
-                                            best_size[todo], restart > 0, generator)
+                    return best if kept is None else kept[0]
+                x_run, size_run, kept_run = self._run(model, x[todo], y[todo], ranking[todo, rank],
+                                                      best_size[todo], restart > 0, generator, stochastic)
                 better = size_run < best_size[todo]
                 best[todo[better]], best_size[todo[better]] = x_run[better], size_run[better]
+                if kept is not None:
+                    self._keep(kept, todo, kept_run)
+        if kept is not None:
+            return kept[0]
         if not self.minimal:  # outside the budget the attack failed
             best[best_size > budget] = x[best_size > budget]
         return best
 
+    @staticmethod
+    def _keep(kept: Tuple[Tensor, Tensor, Tensor], todo: Tensor, run: Tuple[Tensor, Tensor, Tensor]) -> None:
+        """Replace, in place, the kept (point, score, loss) of examples ``todo`` where the run's
+        beats it by the verdict's rule (lower score; ties: higher loss)."""
+        wins = verdict.better(run[1], run[2], kept[1][todo], kept[2][todo])
+        for mine, theirs in zip(kept, run):
+            mine[todo[wins]] = theirs[wins]
+
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor, best_size: Tensor,
-             random_start: bool, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
-        """One run of Algorithm 1 towards ``target``: (closest adversarial point, its size; inf if none)."""
+             random_start: bool, generator: torch.Generator,
+             stochastic: bool) -> Tuple[Tensor, Tensor, Optional[Tuple[Tensor, Tensor, Tensor]]]:
+        """One run of Algorithm 1 towards ``target``: (closest adversarial point, its size; inf if
+        none), and in bounded mode on a stochastic model the run's (point, score, loss) best by
+        the verdict's rule among its candidates in the ball (score inf if none), else None.
+
+        On a stochastic model "adversarial" is a majority of draws wrong in bounded mode (the
+        point only sizes the restarts) and the minimal-norm rule in minimal mode."""
         x_i = x.clone()
         if random_start:
             radius = torch.minimum(best_size, torch.full_like(best_size, self._budget_or_inf())) / 2
@@ -155,6 +212,9 @@ class FABTargeted(GradientAttack):
             x_i = self._random_point(x, radius, generator)
         found = x.clone()
         found_size = torch.full_like(best_size, float("inf"))
+        kept = None
+        if stochastic and not self.minimal:
+            kept = (x.clone(), torch.full_like(best_size, float("inf")), torch.full_like(best_size, -float("inf")))
         for _ in range(self.steps):
             value, grad = self._linearise(model, x_i, y, target)
             delta = project_onto_hyperplane_in_box(x_i, grad, -value, self.norm)
@@ -165,13 +225,59 @@ class FABTargeted(GradientAttack):
             alpha = alpha.clamp(max=self.alpha_max).view(-1, *([1] * (x.dim() - 1)))
             x_i = torch.clamp((1 - alpha) * (x_i + self.eta * delta) + alpha * (x + self.eta * delta_orig),
                               0.0, 1.0)
-            fooled = self._mean_logits(model, x_i).argmax(1) != y
             size = self._size(x_i - x)
+            if stochastic:
+                fooled = self._majority_wrong(model, x, x_i, y, size, kept)
+            else:
+                fooled = self._mean_logits(model, x_i).argmax(1) != y
             closer = fooled & (size < found_size)
             found[closer], found_size[closer] = x_i[closer], size[closer]
             x_i = torch.where(fooled.view(-1, *([1] * (x.dim() - 1))),
                               (1 - self.beta) * x + self.beta * x_i, x_i)  # final search step
-        return found, found_size
+        if stochastic and self.minimal:
+            found, found_size = self._confirm_outward(model, x, y, found, found_size)
+        return found, found_size, kept
+
+    def _confirm_outward(self, model: nn.Module, x: Tensor, y: Tensor, point: Tensor,
+                         size: Tensor) -> Tuple[Tensor, Tensor]:
+        """The first of x + g (point - x), g in :data:`WALK`, that the minimal-norm rule accepts
+        (:func:`robust.attacks.minimal_norm.confirm` on fresh draws), and its size (inf: none).
+
+        ``point`` is the run's closest iterate a majority of draws misclassified: on a
+        stochastic model FAB converges onto the vote boundary, where the confirmation is a
+        coin flip, so the run's answer is the nearest point past it along FAB's direction.
+        """
+        out, out_size = x.clone(), torch.full_like(size, float("inf"))
+        for g in WALK:
+            idx = (torch.isfinite(size) & ~torch.isfinite(out_size)).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            candidate = torch.clamp(x[idx] + g * (point[idx] - x[idx]), 0.0, 1.0)
+            screen = verdict.correct_fraction(minimal_norm.fresh_draws(self, model, candidate), y[idx])
+            ok = minimal_norm.confirm(self, model, candidate, y[idx], screen)
+            out[idx[ok]], out_size[idx[ok]] = candidate[ok], self._size(candidate[ok] - x[idx[ok]])
+        return out, out_size
+
+    def _majority_wrong(self, model: nn.Module, x: Tensor, x_i: Tensor, y: Tensor, size: Tensor,
+                        kept: Optional[Tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+        """Whether a majority of ``eot_samples`` fresh draws misclassifies the iterate x_i (of
+        perturbation ``size``) (N,): the final search step's test.  In bounded mode, offer
+        ``kept`` x_i if it lies in the ball, and x_i's perturbation scaled to the ball's radius."""
+        draws = minimal_norm.fresh_draws(self, model, x_i)
+        score = verdict.correct_fraction(draws, y)
+        if kept is not None:
+            everyone = torch.arange(len(y), device=y.device)
+            inside = torch.where(size <= self.ball.eps, score, torch.full_like(score, float("inf")))
+            self._keep(kept, everyone, (x_i, inside, -margin(draws.mean(0), y)))
+            x_edge = self._to_edge(x, x_i, size)
+            edge = minimal_norm.fresh_draws(self, model, x_edge)
+            self._keep(kept, everyone, (x_edge, verdict.correct_fraction(edge, y), -margin(edge.mean(0), y)))
+        return score < minimal_norm.MAJORITY
+
+    def _to_edge(self, x: Tensor, x_i: Tensor, size: Tensor) -> Tensor:
+        """x_i's perturbation scaled to the radius eps (then projected onto the ball and box)."""
+        factor = torch.where(size > 0, self.ball.eps / size.clamp_min(1e-12), torch.zeros_like(size))
+        return self.ball.project(x + factor.view(-1, *([1] * (x.dim() - 1))) * (x_i - x), x)
 
     def _budget_or_inf(self) -> float:
         return self.ball.eps if self.ball is not None else float("inf")

@@ -12,13 +12,21 @@ are the defaults here, i.e. at most 400 * 76 = 30,400 queries per image.
 Choices where the paper leaves room (documented, see the report):
 - an image stops evolving as soon as one candidate is misclassified (top-1);
   Su et al. stop at a true-class probability below 5%, which for the accuracy
-  this project reports is the same decision made later;
+  this project reports is the same decision made later; that candidate (the
+  first in population order if several) is the result;
 - initial values per channel are N(0.5, 0.5^2) clipped to [0, 1], Su et al.'s
   N(128, 127) on the 0..255 scale; positions are uniform over the image;
 - coordinates evolve as real numbers and are rounded and clamped to the image
   when applied; values are clamped to [0, 1];
 - the returned image is the best candidate (lowest true-class probability)
   whether or not it fools the model; the protocol recomputes predictions.
+
+On a stochastic model (QueryAttack, the verdict's rule) each candidate is scored
+from k = ``query_draws`` draws: its fitness is the mean true-class probability,
+it fools the model only where every draw misclassifies it, and a child replaces
+its parent where its verdict score (the fraction of the k draws correct) is lower,
+or equal with a lower fitness; the returned member is chosen by the same rule.
+On a deterministic model this is the selection above.
 """
 from __future__ import annotations
 
@@ -27,8 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from robust.attacks import ATTACKS
-from robust.attacks.queries import QueryAttack, check_positive_int
+from robust.attacks import ATTACKS, verdict
+from robust.attacks.queries import DEFAULT_QUERY_DRAWS, QueryAttack, check_positive_int, true_class_probability
 
 
 class FewPixel(QueryAttack):
@@ -40,17 +48,18 @@ class FewPixel(QueryAttack):
         iterations: DE generations (75, Learn2Perturb A.5).
         scale: F of DE/rand/1 (0.5, Su et al. section 3).
         seed: seeds the population and the choice of parents.
-        query_chunk: see QueryAttack.
+        query_chunk, query_draws: see QueryAttack.
     Shapes: x (N,C,H,W) in [0,1], y (N,) -> x_adv like x, differing from x in at most
-    ``pixels`` locations per image.
+    ``pixels`` locations per image.  After a call ``queries`` (N,) holds the model input
+    rows spent per example.
     Example: ``FewPixel(pixels=1)(model, x, y)``.
     """
 
     name = "few-pixel"
 
     def __init__(self, pixels: int = 1, population: int = 400, iterations: int = 75, scale: float = 0.5,
-                 seed: int = 0, query_chunk: Optional[int] = None) -> None:
-        super().__init__(query_chunk)
+                 seed: int = 0, query_chunk: Optional[int] = None, query_draws: int = DEFAULT_QUERY_DRAWS) -> None:
+        super().__init__(query_chunk, query_draws)
         self.pixels = check_positive_int("pixels", pixels)
         self.population = check_positive_int("population", population, minimum=4)  # DE/rand/1 needs 3 others
         self.iterations = check_positive_int("iterations", iterations, minimum=0)
@@ -74,12 +83,14 @@ class FewPixel(QueryAttack):
         out.scatter_(3, where, values.to(x.dtype))
         return out.view(b, p, c, h, w)
 
-    def _fitness(self, model: nn.Module, x: Tensor, y: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
-        """(true-class probability, fooled), both (B,P), of every candidate."""
+    def _fitness(self, model: nn.Module, x: Tensor, y: Tensor, candidates: Tensor,
+                 owner: Tensor) -> tuple[Tensor, Tensor]:
+        """(true-class probability, verdict score), both (B,P), of every candidate of the
+        images x (B,...) whose indices in the call's batch are ``owner`` (B,)."""
         b, p = candidates.shape[:2]
         xs = self.apply(x, candidates).flatten(0, 1)
-        prob, fooled = self.true_class_probability(model, xs, y.repeat_interleave(p))
-        return prob.view(b, p), fooled.view(b, p)
+        score, prob = self.query(model, xs, y.repeat_interleave(p), owner.repeat_interleave(p), true_class_probability)
+        return prob.view(b, p), score.view(b, p)
 
     def _initial(self, x: Tensor, generator: torch.Generator) -> Tensor:
         b, c, h, w = x.shape
@@ -105,11 +116,12 @@ class FewPixel(QueryAttack):
             offsets[clash] = torch.randint(1, p, (int(clash.sum()), 3), generator=generator, device=device)
         return (torch.arange(p, device=device)[None, :, None] + offsets) % p
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def search(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         _, _, h, w = x.shape
         pop = self._initial(x, generator)
-        fit, fooled = self._fitness(model, x, y, pop)
+        fit, score = self._fitness(model, x, y, pop, torch.arange(len(x), device=x.device))
+        fooled = score == 0  # every draw misclassifies
         active = ~fooled.any(1)
         for _ in range(self.iterations):
             if not bool(active.any()):
@@ -122,17 +134,20 @@ class FewPixel(QueryAttack):
             children[..., 0].clamp_(0, h - 1)
             children[..., 1].clamp_(0, w - 1)
             children[..., 2:].clamp_(0, 1)
-            child_fit, child_fooled = self._fitness(model, x[idx], y[idx], children)
-            better = child_fit < fit[idx]
+            child_fit, child_score = self._fitness(model, x[idx], y[idx], children, idx)
+            better = verdict.better(child_score, -child_fit, score[idx], -fit[idx])
             pop[idx] = torch.where(better[..., None, None], children, sub)
             fit[idx] = torch.where(better, child_fit, fit[idx])
+            score[idx] = torch.where(better, child_score, score[idx])
             # a fooling child wins its image outright: make it the best member
+            child_fooled = child_score == 0
             fit[idx] = torch.where(child_fooled, torch.full_like(child_fit, -1.0), fit[idx])
             pop[idx] = torch.where(child_fooled[..., None, None], children, pop[idx])
             active[idx] = ~child_fooled.any(1)
         if bool(fooled.any()):  # fooled by an initial member: that member is the result
             fit = torch.where(fooled, torch.full_like(fit, -1.0), fit)
-        best = fit.argmin(1)
+        # the verdict's rule: the lowest score, ties to the lowest fitness (first in order)
+        best = fit.masked_fill(score > score.min(1, keepdim=True).values, float("inf")).argmin(1)
         winner = pop[torch.arange(len(x), device=x.device), best][:, None]
         return self.apply(x, winner)[:, 0]
 

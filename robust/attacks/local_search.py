@@ -19,6 +19,15 @@ The first candidates are a random 10% of the locations.  Defaults are those
 of the SDR paper's tool (Foolbox): p = 10, r = 1.5, d = 5, t = 5, R = 150
 rounds.  Only the model's outputs are queried.
 
+On a stochastic model (QueryAttack, the verdict's rule) every probe and every
+check of the current image is answered from k = ``query_draws`` draws: probes are
+ranked by the mean true-class probability, the image is misclassified (already,
+or done) only where every draw misclassifies it, and the attack returns the best
+image it checked by the verdict's score (the fraction of the k draws correct),
+ties to the lower mean true-class probability, since the greedy search does not
+improve monotonically.  On a deterministic model it returns the last image, as
+the paper's algorithm does.
+
 Threat model: the paper's attack is unbounded in pixel values (norm 'l0': its
 size is the number of pixels changed; eps = inf).  With ``norm='linf'`` and a
 finite eps every probe and update is also projected into the L-inf eps-ball
@@ -34,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robust.attacks import ATTACKS
-from robust.attacks.queries import QueryAttack, check_positive_int
+from robust.attacks import ATTACKS, verdict
+from robust.attacks.queries import DEFAULT_QUERY_DRAWS, QueryAttack, check_positive_int, true_class_probability
 
 NORMS = ("l0", "linf")
 
@@ -52,8 +61,9 @@ class LocalSearch(QueryAttack):
         t: locations perturbed per round (5).
         rounds: R, at most this many rounds (150).
         init_fraction: fraction of locations in the first candidate set (0.1).
-        seed: seeds the first candidate set.  query_chunk: see QueryAttack.
-    Shapes: x (N,C,H,W) in [0,1], y (N,) -> x_adv like x.
+        seed: seeds the first candidate set.  query_chunk, query_draws: see QueryAttack.
+    Shapes: x (N,C,H,W) in [0,1], y (N,) -> x_adv like x.  After a call ``queries`` (N,)
+    holds the model input rows spent per example.
     Example: ``LocalSearch()(model, x, y)``.
     """
 
@@ -61,8 +71,8 @@ class LocalSearch(QueryAttack):
 
     def __init__(self, eps: float = math.inf, norm: str = "l0", p: float = 10.0, r: float = 1.5, d: int = 5,
                  t: int = 5, rounds: int = 150, init_fraction: float = 0.1, seed: int = 0,
-                 query_chunk: Optional[int] = None) -> None:
-        super().__init__(query_chunk)
+                 query_chunk: Optional[int] = None, query_draws: int = DEFAULT_QUERY_DRAWS) -> None:
+        super().__init__(query_chunk, query_draws)
         if norm not in NORMS:
             raise ValueError(f"local-search: unknown norm {norm!r}; valid choices: {', '.join(NORMS)}")
         if norm == "l0" and math.isfinite(eps):
@@ -90,8 +100,11 @@ class LocalSearch(QueryAttack):
         v = self.r * v
         return torch.where(v < -0.5, v + 1.0, torch.where(v > 0.5, v - 1.0, v))
 
-    def _probe_scores(self, model: nn.Module, x: Tensor, cur: Tensor, y: Tensor, candidates: Tensor) -> Tensor:
-        """True-class probability of each probe; +inf where a location is not a candidate. (B, H*W)."""
+    def _probe_scores(self, model: nn.Module, x: Tensor, cur: Tensor, y: Tensor, candidates: Tensor,
+                      owner: Tensor) -> Tensor:
+        """True-class probability of each probe; +inf where a location is not a candidate. (B, H*W).
+
+        ``owner`` (B,): the indices of the images in the call's batch."""
         b, c, h, w = cur.shape
         img, loc = candidates.nonzero(as_tuple=True)
         probes = cur[img].view(len(img), c, h * w).clone()
@@ -100,12 +113,12 @@ class LocalSearch(QueryAttack):
         probes = probes.view(len(img), c, h, w)
         if self.norm == "linf":  # in the ball; the paper's probes (l0) may leave [0, 1]
             probes = self.project(probes, x[img])
-        prob, _ = self.true_class_probability(model, probes, y[img])
+        _, prob = self.query(model, probes, y[img], owner[img], true_class_probability)
         scores = torch.full((b, h * w), math.inf, device=cur.device)
         scores[img, loc] = prob
         return scores
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def search(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         b, c, h, w = x.shape
         cur = x.clone()
@@ -113,12 +126,14 @@ class LocalSearch(QueryAttack):
         keys = torch.rand((b, h * w), generator=generator, device=x.device)
         candidates = torch.zeros((b, h * w), dtype=torch.bool, device=x.device)
         candidates.scatter_(1, keys.topk(n_init, dim=1).indices, True)
-        active = ~self.is_adversarial(model, x, y)
+        score, prob = self.query(model, x, y, torch.arange(b, device=x.device), true_class_probability)
+        best, best_prob, best_score = x.clone(), prob, score
+        active = score > 0  # broken: every draw misclassifies
         for _ in range(self.rounds):
             if not bool(active.any()):
                 break
             idx = active.nonzero().squeeze(1)
-            scores = self._probe_scores(model, x[idx], cur[idx], y[idx], candidates[idx])
+            scores = self._probe_scores(model, x[idx], cur[idx], y[idx], candidates[idx], idx)
             k = min(self.t, h * w)
             chosen = torch.zeros_like(scores, dtype=torch.bool)
             top = scores.topk(k, dim=1, largest=False)
@@ -127,11 +142,14 @@ class LocalSearch(QueryAttack):
             mask = chosen[:, None, :].expand_as(sub)
             sub = torch.where(mask, 0.5 + self.cyclic(sub - 0.5), sub)
             cur[idx] = self.project(sub.view(len(idx), c, h, w), x[idx])
-            active[idx] = ~self.is_adversarial(model, cur[idx], y[idx])
+            score, prob = self.query(model, cur[idx], y[idx], idx, true_class_probability)
+            active[idx] = score > 0
+            won = verdict.better(score, -prob, best_score[idx], -best_prob[idx])
+            best[idx[won]], best_prob[idx[won]], best_score[idx[won]] = cur[idx[won]], prob[won], score[won]
             # next candidates: the (2d+1)^2 neighbourhoods of the chosen locations
             grown = F.max_pool2d(chosen.view(-1, 1, h, w).float(), 2 * self.d + 1, stride=1, padding=self.d)
             candidates[idx] = grown.view(len(idx), h * w) > 0
-        return cur
+        return best if self.stochastic else cur
 
 
 @ATTACKS.register("local-search")

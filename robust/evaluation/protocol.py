@@ -224,7 +224,9 @@ def _evaluate_batch(module: nn.Module, b: _Batch, attacks: Sequence[AttackSpec],
         attacked &= keep  # an attack's own cap: rows only for the first max_examples positions
         rows = _attack_rows(module, b, spec, i, attacked, worst_pred, eps_data)
         pred, vote, k, draws, distance, queries = rows
-        score = torch.where(draws > 0, k.double() / draws.clamp_min(1), torch.zeros_like(run_min))
+        # a row not attacked keeps the running score (a cascade skips only examples at 0; an
+        # attack's own cap leaves the examples beyond it as they were)
+        score = torch.where(draws > 0, k.double() / draws.clamp_min(1), run_min)
         correct = pred == y
         if spec.minimal_norm:  # no adversarial point found: infinitely far; no worst-case update
             # adversarial = the verdict's majority misclassifies (score < 1/2; deterministic: wrong)

@@ -47,10 +47,11 @@ AutoAttack's robust accuracy.  Overrides apply to all four
 Square then averages 20 passes per query).
 
 Black-box attacks (square, few-pixel, localsearch, boundary) only query the
-model's outputs: the protocol does not give them EOT on stochastic models
-(``gradient_based`` is False); Square's explicit ``eot_samples`` makes each
-query average that many passes.  The majority vote over ``votes`` draws is
-reported for every attack alike.
+model's outputs and get no EOT (``gradient_based`` is False); on a stochastic
+model each query is answered from ``query_draws`` draws (default 8) under the
+verdict's rule, and the rows count the queries spent (``queries``); Square's
+``eot_samples`` is the same setting.  Every attack's rows are judged alike, on
+``votes`` fresh draws (the verdict).
 
 Expensive attacks take their own example cap: ``few-pixel-1:max_examples=100``
 attacks (and writes rows for) only the first 100 evaluated examples.
