@@ -136,8 +136,8 @@ def _in_threat_model(label: str, x_adv: torch.Tensor, x: torch.Tensor) -> bool:
 @pytest.mark.parametrize("label", list(ATTACKS))
 @pytest.mark.parametrize("kind", ["per-row noise", "batch-shared noise", "deterministic"])
 def test_queries_count_every_input_row_and_points_stay_in_the_threat_model(label, kind):
-    """``queries`` sums to the rows the model saw (besides the stochasticity probe on one
-    example), k rows per query on a stochastic model and one on a deterministic one,
+    """``queries`` sums to the rows the model saw (besides the stochasticity probe on the
+    batch), k rows per query on a stochastic model and one on a deterministic one,
     whether or not the model lets stacked copies draw independently."""
     noise = {"per-row noise": dict(), "batch-shared noise": dict(shared=True), "deterministic": dict(noise=0.0)}
     model = RowCounter(NoisyMax(**noise[kind]))
@@ -145,7 +145,7 @@ def test_queries_count_every_input_row_and_points_stay_in_the_threat_model(label
     verdict.stacking_gives_distinct_draws(model, x)  # the one-off probe of a model object, cached
     for k in (1, 3):
         model.rows = 0
-        probe = verdict.is_stochastic(model, x[:1])
+        probe = verdict.is_stochastic(model, x)
         probe_rows, model.rows = model.rows, 0
         attack = build(label, query_draws=k)
         x_adv = attack(model, x, y)

@@ -16,7 +16,7 @@ from robust.evaluation.suite import parse_attacks
 
 CPU = torch.device("cpu")
 #: Defenses whose deployed model must come out stochastic (the test is not vacuous).
-KNOWN_STOCHASTIC = {"learn2perturb", "learn2perturb-r", "pni", "sdr", "dropconnect"}
+KNOWN_STOCHASTIC = {"learn2perturb", "learn2perturb-r", "pni", "sdr", "dropconnect", "stn"}
 
 
 class BatchSharedNoise(nn.Module):
@@ -61,7 +61,8 @@ def _stochastic_models(digits):
     x, _, _ = digits.test.batch(torch.arange(4))
     out = []
     for name in defense_names():
-        model = create_defense(name, eps_data=digits.eps).prepare_model(small_model(digits)).eval()
+        defense = create_defense(name, eps_data=digits.eps)
+        model = defense.deployed(defense.prepare_model(small_model(digits))).eval()  # what is evaluated
         if verdict.is_stochastic(model, x):
             out.append((name, model))
     out.append(("external-batch-shared", BatchSharedNoise(small_model(digits)).eval()))
@@ -141,7 +142,7 @@ def _trained(name, digits):
 
     defense = create_defense(name, eps_data=digits.eps)
     module, _ = fit(small_model(digits), defense, digits, quick_config(epochs=1), seed=0, device=CPU)
-    return module.eval()
+    return defense.deployed(module).eval()  # the classifier the defense deploys (stn: with its noise)
 
 
 def _accuracy(rows, label):

@@ -211,8 +211,11 @@ class GradientAttack(Attack):
     def copies_per_pass(self, model: nn.Module, x: Tensor) -> int:
         """Copies of the batch ``x`` one EOT forward pass stacks: within ``eot_chunk`` inputs,
         and 1 where the model would give stacked copies one shared draw."""
-        chunk = self.eot_chunk if self.eot_chunk is not None else default_eot_chunk(x.device)
-        return verdict.copies_per_pass(model, x, self.eot_samples, chunk)
+        return verdict.copies_per_pass(model, x, self.eot_samples, self.chunk(x.device))
+
+    def chunk(self, device: torch.device) -> int:
+        """At most this many inputs per forward pass: ``eot_chunk``, or the device's default."""
+        return self.eot_chunk if self.eot_chunk is not None else default_eot_chunk(device)
 
     def is_stochastic(self, model: nn.Module, x: Tensor) -> bool:
         """Whether the attacked model's forward passes differ (asked once per attack call;

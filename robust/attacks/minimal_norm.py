@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from robust.attacks import verdict
-from robust.attacks.base import GradientAttack, default_eot_chunk
+from robust.attacks.base import GradientAttack
 
 #: The screen passes a point when the fraction of draws correct is below this.
 MAJORITY = 0.5
@@ -66,8 +66,7 @@ def most_correct_allowed(draws: int, level: float = LEVEL) -> int:
 def fresh_draws(attack: GradientAttack, model: nn.Module, x: Tensor, draws: Optional[int] = None) -> Tensor:
     """Logits of ``draws`` (default ``attack.eot_samples``) fresh, distinct draws of the model
     on x: (draws, N, K), stacked as the attack's EOT passes are."""
-    chunk = attack.eot_chunk if attack.eot_chunk is not None else default_eot_chunk(x.device)
-    return verdict.draw_logits(model, x, draws or attack.eot_samples, chunk).float()
+    return verdict.draw_logits(model, x, draws or attack.eot_samples, attack.chunk(x.device)).float()
 
 
 def confirm(attack: GradientAttack, model: nn.Module, x: Tensor, y: Tensor, screen: Tensor,

@@ -33,7 +33,7 @@ Queries are counted: after each call ``attack.queries`` is a LongTensor (N,) on
 the inputs' device, the number of model input rows the attack spent on each
 example (every query of every point derived from it, k per query on a stochastic
 model).  The model-property probes (:func:`~robust.attacks.verdict.is_stochastic`
-on the first example, and the one-off stacking probe of
+on the batch, and the one-off stacking probe of
 :func:`~robust.attacks.verdict.stacking_gives_distinct_draws`) are not queries of
 any example and are not counted.
 """
@@ -89,7 +89,7 @@ class QueryAttack(Attack):
         self._count: Optional[Tensor] = None
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        self.stochastic = verdict.is_stochastic(model, x[:1])
+        self.stochastic = verdict.is_stochastic(model, x)
         self._count = torch.zeros(len(x), dtype=torch.long, device=x.device)
         try:
             x_adv = self.search(model, x, y)
