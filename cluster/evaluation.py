@@ -71,6 +71,7 @@ class EvalSettings:
     shard_size: int = 128
     max_examples: Optional[int] = None
     large_eps_examples: int = 8
+    check_examples: int = 8
     classifier: str = DEPLOYED
     noisy_copies: int = 1
 
@@ -169,7 +170,8 @@ def evaluate_job(job: ShardJob, source: ModelSource, settings: EvalSettings, sto
     attacks = parse_attacks(list(settings.attacks), splits.eps)
     columns = evaluate_shard(model, splits.test, range(job.start, job.stop), attacks, splits.eps, device,
                              seed=spec.seed, batch_size=settings.batch_size, protocol=settings.protocol,
-                             votes=settings.votes, large_eps_examples=settings.large_eps_examples)
+                             votes=settings.votes, large_eps_examples=settings.large_eps_examples,
+                             check_examples=settings.check_examples)
     for label, cols in columns.items():
         n = len(cols["example"])
         table = pa.table({**cols, "classifier": [classifier] * n, "config_id": [spec.config_id()] * n,

@@ -48,9 +48,18 @@ class ExperimentPlan:
     max_concurrent: Optional[int] = None  # cap on trials at a time (default: what the cluster fits)
     eval_shard_size: int = 128
     eval_batch_size: int = 128
-    metric: str = "val_pgd_acc"
-    mode: str = "max"
+    metric: str = ""                  # "": the defense's tuning module's METRIC (and MODE)
+    mode: str = ""
     command: str = ""
+
+    def __post_init__(self) -> None:
+        # The selection metric lives once, in tuning/<defense>.py: Tune's scheduler and
+        # every trial row read it from the plan.
+        if not self.metric or not self.mode:
+            from tuning import search_module
+
+            module = search_module(self.defense)
+            self.metric, self.mode = self.metric or module.METRIC, self.mode or module.MODE
 
 
 @dataclass
@@ -147,6 +156,15 @@ def keep_credentials_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_VARS
 
 
+def trial_run(plan: ExperimentPlan, root: str, res: Resources) -> Dict[str, Any]:
+    """What every trial driver (:func:`cluster.trial.run_trial`) needs besides its spec:
+    storage, resources, and the selection metric its trial rows record."""
+    return {"storage": plan.storage, "endpoint": plan.endpoint, "root": root,
+            "train_storage_path": f"{root}/tune/train", "workers": res.workers,
+            "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
+            "worker_failures": plan.worker_failures, "metric": plan.metric}
+
+
 def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources) -> None:
     import ray
     from ray import tune
@@ -155,10 +173,7 @@ def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources
     from cluster.trial import run_trial
 
     keep_credentials_out_of_runtime_envs()
-    run = {"storage": plan.storage, "endpoint": plan.endpoint, "root": root,
-           "train_storage_path": f"{root}/tune/train", "workers": res.workers,
-           "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
-           "worker_failures": plan.worker_failures}
+    run = trial_run(plan, root, res)
     driver = {DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0.01}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=plan.base_spec, run=run), driver)
     fs = None if storage.is_local else storage.filesystem
@@ -183,7 +198,7 @@ def run_search(plan: ExperimentPlan, storage: Storage, root: str, res: Resources
                                       failure_config=tune.FailureConfig(max_failures=plan.trial_failures)),
         )
     grid = tuner.fit()
-    mark_stopped(storage, root, grid)
+    mark_stopped(storage, root, grid, plan.metric)
 
 
 SCHEDULERS = ("fifo", "asha")
@@ -201,7 +216,7 @@ def make_scheduler(plan: ExperimentPlan):
                          grace_period=min(plan.grace_period, epochs), reduction_factor=plan.reduction_factor)
 
 
-def mark_stopped(storage: Storage, root: str, grid) -> None:
+def mark_stopped(storage: Storage, root: str, grid, metric: str) -> None:
     """Trials that a scheduler stopped early still say 'running' in our table: record
     them as 'stopped' with their last checkpoint (they are not evaluated)."""
     from cluster.records import load_state, write_trial_row
@@ -220,7 +235,7 @@ def mark_stopped(storage: Storage, root: str, grid) -> None:
         history = load_state(storage, checkpoint)["history"] if checkpoint else []
         write_trial_row(storage, root, trial, TrialSpec.from_dict(json.loads(row["config"])), "stopped",
                         reason="stopped early by the scheduler", node=(result.metrics or {}).get("node", ""),
-                        history=history, checkpoint=checkpoint)
+                        history=history, checkpoint=checkpoint, metric=metric)
 
 
 def completed_trials(storage: Storage, root: str) -> List[Dict[str, Any]]:
@@ -248,7 +263,8 @@ def run_experiment(plan: ExperimentPlan) -> str:
         print(f"note: the search space has only {n_configs} distinct configuration(s); "
               f"running each once per seed instead of {plan.samples} draws", flush=True)
     print(f"experiment {storage.display(root)}: {n_configs} configuration(s) x {plan.seeds} seed(s), "
-          f"{res.workers} worker(s) per trial, {res.concurrency} trial(s) at a time", flush=True)
+          f"{res.workers} worker(s) per trial, {res.concurrency} trial(s) at a time; selection metric "
+          f"{plan.metric} ({plan.mode}, validation split)", flush=True)
     run_search(plan, storage, root, res)
 
     settings = EvalSettings(attacks=tuple(plan.base_spec["attacks"]), batch_size=plan.eval_batch_size,

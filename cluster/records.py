@@ -36,7 +36,14 @@ def node_name() -> str:
 
 def write_trial_row(storage: Storage, root: str, trial: str, spec: TrialSpec, status: str, *,
                     reason: str = "", node: str = "", history: Optional[List[Dict[str, Any]]] = None,
-                    checkpoint: str = "") -> None:
+                    checkpoint: str = "", metric: str = "") -> None:
+    """Write the trial's row (replacing its previous one).
+
+    ``metric`` is the defense's selection metric (its tuning module's ``METRIC``, the
+    key Tune optimised); the row records its name and its value at the last epoch of
+    ``history``, the last value Tune saw (NaN before the first epoch).  An empty name
+    (a model that was not tuned, e.g. an external one) is stored as null.
+    """
     last = history[-1] if history else {}
     row = {
         "trial": trial, "config_id": spec.config_id(), "seed": spec.seed, "defense": spec.defense,
@@ -44,6 +51,8 @@ def write_trial_row(storage: Storage, root: str, trial: str, spec: TrialSpec, st
         "epochs_done": int(last.get("epoch", 0)),
         "val_acc": float(last.get("val_acc", math.nan)),
         "val_pgd_acc": float(last.get("val_pgd_acc", math.nan)),
+        "metric": metric or None,
+        "metric_value": float(last.get(metric, math.nan)) if metric else math.nan,
         "checkpoint": checkpoint, "updated": time.time(),
     }
     table = pa.Table.from_pylist([row], schema=TRIAL_SCHEMA)

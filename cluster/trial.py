@@ -11,6 +11,7 @@ checkpoint of the same (storage, name).
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import traceback
@@ -35,7 +36,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     """Per-worker training function (runs on every Ray Train worker)."""
     spec = TrialSpec.from_dict(config["spec"])
     storage = Storage(config["storage"], config.get("endpoint"))
-    trial, root = config["trial"], config["root"]
+    trial, root, metric = config["trial"], config["root"], config["metric"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
@@ -51,7 +52,9 @@ def train_worker(config: Dict[str, Any]) -> None:
     node = node_name()
 
     def on_epoch_end(metrics: Dict[str, Any], state_fn) -> None:
-        metrics = {**metrics, STATUS_KEY: "running", "node": node}
+        # Tune refuses a result without the scheduler's metric (strict metric checking):
+        # NaN until the loop first computes it (every val_attack_every epochs)
+        metrics = {metric: math.nan, **metrics, STATUS_KEY: "running", "node": node}
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -67,19 +70,24 @@ def train_worker(config: Dict[str, Any]) -> None:
     except NonFiniteLoss as err:
         # Reported, not raised: a NaN is a result of this configuration, and
         # retrying it from the last checkpoint would only reproduce it.
-        ray.train.report({STATUS_KEY: "nan", "reason": str(err), "node": node}, checkpoint=None)
+        ray.train.report({STATUS_KEY: "nan", "reason": str(err), "node": node, metric: math.nan},
+                         checkpoint=None)
 
 
 def run_trial(config: Dict[str, Any], base: Dict[str, Any], run: Dict[str, Any]) -> None:
-    """Tune function trainable: resolve the trial's spec, train it with Ray Train, record it."""
+    """Tune function trainable: resolve the trial's spec, train it with Ray Train, record it.
+
+    ``run["metric"]`` is the defense's selection metric (the plan's, from its tuning
+    module): every row of the trials table records it and its last validation value.
+    """
     spec_dict = dict(base)
     spec_dict["seed"] = int(config["seed"])
     spec_dict["defense_config"] = {**base.get("defense_config", {}), **config.get("defense_config", {})}
     spec = TrialSpec.from_dict(spec_dict)
     trial = tune.get_context().get_trial_id()
     storage = Storage(run["storage"], run.get("endpoint"))
-    root, node = run["root"], node_name()
-    write_trial_row(storage, root, trial, spec, "running", node=node)
+    root, node, metric = run["root"], node_name(), run["metric"]
+    write_trial_row(storage, root, trial, spec, "running", node=node, metric=metric)
 
     use_gpu = run["gpus_per_worker"] > 0
     resources = {"CPU": run["cpus_per_worker"]}
@@ -87,7 +95,7 @@ def run_trial(config: Dict[str, Any], base: Dict[str, Any], run: Dict[str, Any])
         resources["GPU"] = run["gpus_per_worker"]
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.to_dict(), "trial": trial, "root": root,
+        train_loop_config={"spec": spec.to_dict(), "trial": trial, "root": root, "metric": metric,
                            "storage": run["storage"], "endpoint": run.get("endpoint")},
         scaling_config=ScalingConfig(num_workers=run["workers"], use_gpu=use_gpu,
                                      resources_per_worker=resources),
@@ -105,7 +113,7 @@ def run_trial(config: Dict[str, Any], base: Dict[str, Any], run: Dict[str, Any])
     try:
         result = trainer.fit()
     except Exception as err:  # recorded in our trials table, then re-raised for Tune
-        write_trial_row(storage, root, trial, spec, "error", node=node,
+        write_trial_row(storage, root, trial, spec, "error", node=node, metric=metric,
                         reason=f"{type(err).__name__}: {err}"[:2000])
         traceback.print_exc()
         raise
@@ -115,7 +123,7 @@ def run_trial(config: Dict[str, Any], base: Dict[str, Any], run: Dict[str, Any])
     history = load_state(storage, checkpoint)["history"] if checkpoint else []
     if metrics.get(STATUS_KEY) == "nan":
         write_trial_row(storage, root, trial, spec, "nan", node=node, reason=metrics.get("reason", ""),
-                        history=history, checkpoint=checkpoint)
+                        history=history, checkpoint=checkpoint, metric=metric)
     else:
         write_trial_row(storage, root, trial, spec, "completed", node=node, history=history,
-                        checkpoint=checkpoint)
+                        checkpoint=checkpoint, metric=metric)

@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, help="evaluate at most this many test examples")
     p.add_argument("--eps-curve", help="attack to run at every --eps-values (robust accuracy vs eps)")
     p.add_argument("--eps-values", help="comma-separated eps values for --eps-curve")
-    p.add_argument("--votes", type=int, default=10, help="draws for the majority vote of stochastic models")
+    p.add_argument("--votes", type=int, default=10,
+                   help="R: fresh draws the verdict takes per row of a stochastic model (README: robust accuracy)")
+    p.add_argument("--check-examples", type=int, default=8,
+                   help="per batch, examples every bounded attack attacks even in a cascade, and the EOT "
+                   "check's subset (2S samples); more gives the flags more power")
     p.add_argument("--classifier", default="deployed",
                    help="deployed (default: what the defense deploys, e.g. STN's noisy classifier) or base "
                    "(the trained network alone, rows labelled 'base')")
@@ -136,6 +140,8 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.check_examples < 0:
+        raise UsageError(f"--check-examples must be >= 0, got {args.check_examples}")
     storage = Storage(args.experiment.rstrip("/"), args.endpoint)
     root = storage.root
     if args.model_factory:
@@ -154,7 +160,7 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
         settings = EvalSettings(attacks=tuple(names), protocol=args.protocol, votes=args.votes,
                                 batch_size=args.batch_size, shard_size=args.shard_size,
                                 max_examples=args.max_examples, classifier=args.classifier,
-                                noisy_copies=args.noisy_copies)
+                                noisy_copies=args.noisy_copies, check_examples=args.check_examples)
     except ValueError as err:
         raise UsageError(str(err)) from None
     sizes, eps = {}, {}

@@ -174,8 +174,8 @@ def build_plan(args: argparse.Namespace, r: Dict[str, Any]):
         storage=args.storage, endpoint=args.endpoint, address=args.address,
         worker_failures=args.worker_failures, trial_failures=args.trial_failures,
         scheduler=args.scheduler, grace_period=args.grace_period, max_concurrent=args.max_concurrent,
-        metric=module.METRIC, mode=module.MODE, command=shlex.join(["launch/tune.py"] + sys.argv[1:]),
-    )
+        command=shlex.join(["launch/tune.py"] + sys.argv[1:]),
+    )  # metric and mode: the defense's tuning module's METRIC and MODE (ExperimentPlan fills them)
 
 
 def check_name(plan, resume: bool) -> None:
@@ -249,6 +249,8 @@ def print_dry_run(plan, tflops: Optional[float]) -> None:
         f"  trials: {n_configs} configuration(s) x {plan.seeds} seed(s) = {trials}",
         f"  epochs per trial: {train.epochs} (batch {train.batch_size}, {train.optimizer}, lr {train.lr:g}, "
         f"{train.schedule}); scheduler {plan.scheduler}",
+        f"  selection metric: {plan.metric} ({plan.mode}) on the validation split (tuning/"
+        f"{plan.defense.replace('-', '_')}.py); Tune and the summary's best seed read it",
         f"  per trial: {res.workers} worker(s) x {res.gpus_per_worker:g} GPU = {gpus_per_trial:g} GPU(s); "
         f"defense cost {defense.train_passes():g}x a plain step",
         f"  {where}" + (f"; {res.concurrency} trial(s) at a time" if cluster is not None else ""),

@@ -207,15 +207,15 @@ def _fractions(rows):
     clean = rows[CLEAN]
     n = len(clean["example"])
     large = rows[LARGE_EPS_LABEL]["correct"]
-    return (sum(clean["zero_grad"]) / n, sum(clean["prob_like"]) / n, 1 - sum(large) / len(large))
+    return (sum(clean["zero_grad"]), n), sum(clean["prob_like"]) / n, 1 - sum(large) / len(large)
 
 
 def test_masked_gradients_trip_the_flags_and_a_clean_model_does_not(trained_digits_model, digits):
     zero, prob, large = _fractions(_evaluate(trained_digits_model, digits, ["fgsm"]))
-    assert not checks.zero_gradients(zero).tripped and not checks.large_eps_success(large).tripped
+    assert not checks.zero_gradients(*zero).tripped and not checks.large_eps_success(large).tripped
     assert not checks.probabilities_as_logits(prob).tripped
     zero, _, large = _fractions(_evaluate(Quantized(trained_digits_model), digits, ["fgsm"]))
-    assert checks.zero_gradients(zero).tripped and zero == 1.0
+    assert checks.zero_gradients(*zero).tripped and zero[0] == zero[1]
     assert checks.large_eps_success(large).tripped
 
 
@@ -225,12 +225,17 @@ def test_softmax_outputs_trip_the_probability_flag(trained_digits_model, digits)
 
 
 def test_strength_ordering_flags():
-    assert checks.iterative_weaker_than_single_step(0.5, {"pgd-20": 0.6}).tripped
-    assert not checks.iterative_weaker_than_single_step(0.5, {"pgd-20": 0.4, "apgd-ce": 0.3}).tripped
-    assert checks.more_iterations_weaker({7: 0.40, 20: 0.45}).tripped
-    assert not checks.more_iterations_weaker({7: 0.45, 20: 0.40, 100: 0.40}).tripped
+    P = checks.Paired
+    assert checks.iterative_weaker_than_single_step({("fgsm", "pgd-20"): P(0.5, 0.6, 100)}).tripped
+    assert not checks.iterative_weaker_than_single_step({("fgsm", "pgd-20"): P(0.5, 0.4, 100),
+                                                         ("fgsm", "apgd-ce"): P(0.5, 0.3, 100)}).tripped
+    assert not checks.iterative_weaker_than_single_step({("fgsm", "pgd-20"): P(0.5, 0.55, 100, 0.08)}).tripped
+    assert checks.more_iterations_weaker({(7, 20): P(0.40, 0.45, 100)}).tripped
+    assert not checks.more_iterations_weaker({(7, 20): P(0.45, 0.40, 100), (20, 100): P(0.40, 0.40, 100)}).tripped
     flags = {f.name: f.tripped for f in checks.trial_flags(
-        {"clean": 0.9, "fgsm": 0.5, "pgd-7": 0.4, "pgd-20": 0.42}, 0.0, 0.0, 1.0, [])}
+        (0, 100), 0.0, 1.0, [],
+        single_step={("fgsm", "pgd-7"): P(0.5, 0.4, 100), ("fgsm", "pgd-20"): P(0.5, 0.42, 100)},
+        by_steps={(7, 20): P(0.40, 0.42, 100)})}
     assert flags == {"zero-gradients": False, "outputs-look-like-probabilities": False,
                      "non-eot-attack-on-stochastic-model": False, "large-eps-not-broken": False,
                      "iterative-weaker-than-fgsm": False, "more-iterations-weaker": True}

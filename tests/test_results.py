@@ -41,10 +41,10 @@ def _write_trial(fs, root, trial, spec, val_pgd, accuracy, n=50):
                               "eot_samples": [1] * m, "stochastic": [False] * m, "zero_grad": [False] * m,
                               "prob_like": [False] * m, "distance": [0.0] * m, "draws": [1] * m,
                               "draws_correct": [int(c) for c in correct], "queries": [None] * m,
-                              "classifier": ["deployed"] * m, "node": ["n0"] * m, "config_id": [spec.config_id()] * m,
+                              "classifier": ["deployed"] * m, "check": [True] * m, "node": ["n0"] * m, "config_id": [spec.config_id()] * m,
                               "seed": [spec.seed] * m, "shard": [shard] * m}, schema=ATTACK_SCHEMA)
             if shard == 1:  # written before schema 4: no verdict counts (read back as one draw each)
-                table = table.drop_columns(["draws", "draws_correct", "queries", "classifier"])
+                table = table.drop_columns(["draws", "draws_correct", "queries", "classifier", "check"])
             write_table(fs, attack_path(root, "constant", trial, attack, shard), table,
                         file_metadata(spec.to_dict()))
 

@@ -61,7 +61,7 @@ EOT_CHECK_PREFIX = "sanity-eot-2x:"
 PROTOCOLS = ("independent", "cascade")
 COLUMNS = ("example", "label", "prediction", "correct", "vote_prediction", "vote_correct",
            "attacked", "robust", "eps", "eot_samples", "stochastic", "zero_grad", "prob_like", "distance",
-           "draws", "draws_correct", "queries")
+           "draws", "draws_correct", "queries", "check")
 #: Stream tags of the verdict's draws, apart from every attack's (derive_seed coordinates).
 _VERDICT_STREAM = 0x7E4D1C7
 
@@ -209,9 +209,12 @@ def _evaluate_batch(module: nn.Module, b: _Batch, attacks: Sequence[AttackSpec],
     run_min = clean_score.clone()          # the running robust score: min over clean and attacks
     worst_pred = clean.single.clone()
     ones = torch.ones_like(y, dtype=torch.bool)
-    _append(out, CLEAN, b.index, y, clean.single, clean.vote, ones, run_min > 0, 0.0, 0, b.stochastic,
-            zero_grad, prob_like, torch.zeros(len(y)), torch.full_like(y, clean.draws), clean.correct, None)
     check = torch.arange(len(y), device=y.device) < check_examples
+    # rows say which examples every bounded attack attacked whatever the others did (the flags
+    # compare attacks there): all under the independent protocol, the check subset in a cascade
+    same = check if protocol == "cascade" else ones
+    _append(out, CLEAN, b.index, y, clean.single, clean.vote, ones, run_min > 0, 0.0, 0, b.stochastic,
+            zero_grad, prob_like, torch.zeros(len(y)), torch.full_like(y, clean.draws), clean.correct, None, same)
     for i, spec in enumerate(attacks):
         spec = attack_for_model(spec, b.stochastic)
         if spec.minimal_norm:  # unbounded: the examples with a clean score above 0, whatever the protocol
@@ -239,7 +242,7 @@ def _evaluate_batch(module: nn.Module, b: _Batch, attacks: Sequence[AttackSpec],
         _append(out, attacks[i].label, b.index[keep.cpu()], y[keep], pred[keep], vote[keep], attacked[keep],
                 row_robust[keep], spec.eps(eps_data), int(spec.params.get("eot_samples", 1)), b.stochastic,
                 zero_grad[keep], prob_like[keep], distance[keep], draws[keep], k[keep],
-                None if queries is None else queries[keep])
+                None if queries is None else queries[keep], same[keep])
         eot = int(spec.params.get("eot_samples", 1))
         if b.stochastic and spec.gradient_based and not spec.minimal_norm and eot > 1 and check_examples > 0:
             _eot_check_rows(module, b, spec.with_params(eot_samples=2 * eot), i, check & keep,
@@ -282,7 +285,7 @@ def _eot_check_rows(module: nn.Module, b: _Batch, spec: AttackSpec, i: int, subs
     s = subset
     _append(out, EOT_CHECK_PREFIX + label, b.index[s.cpu()], b.y[s], pred[s], vote[s], s[s],
             k[s] > 0, spec.eps(eps_data), int(spec.params["eot_samples"]), b.stochastic, zero_grad[s],
-            prob_like[s], distance[s], draws[s], k[s], None)
+            prob_like[s], distance[s], draws[s], k[s], None, s[s])
 
 
 def _large_eps_rows(module: nn.Module, b: _Batch, k: int, eps_data: float, diagnostics: tuple[Tensor, Tensor],
@@ -296,7 +299,7 @@ def _large_eps_rows(module: nn.Module, b: _Batch, k: int, eps_data: float, diagn
     _append(out, LARGE_EPS_LABEL, b.index[:k], b.y[:k], v.single, v.vote, ones, v.correct > 0, LARGE_EPS,
             int(spec.params.get("eot_samples", 1)), b.stochastic, diagnostics[0][:k],
             diagnostics[1][:k], perturbation_norm(x_adv - b.x[:k], spec.norm),
-            torch.full((k,), v.draws, dtype=torch.long, device=b.y.device), v.correct, None)
+            torch.full((k,), v.draws, dtype=torch.long, device=b.y.device), v.correct, None, None)
 
 
 def within_cap(cap: Optional[int], positions: Sequence[int], device: torch.device) -> Tensor:
@@ -309,7 +312,7 @@ def within_cap(cap: Optional[int], positions: Sequence[int], device: torch.devic
 def _append(out: Dict[str, Dict[str, list]], label: str, index: Tensor, y: Tensor, pred: Tensor, vote: Tensor,
             attacked: Tensor, robust: Tensor, eps: float, eot_samples: int, stochastic: bool, zero_grad: Tensor,
             prob_like: Tensor, distance: Tensor, draws: Tensor, draws_correct: Tensor,
-            queries: Optional[Tensor]) -> None:
+            queries: Optional[Tensor], check: Optional[Tensor]) -> None:
     cols = out.setdefault(label, {c: [] for c in COLUMNS})
     n = len(y)
     cols["example"] += index.tolist()
@@ -329,3 +332,4 @@ def _append(out: Dict[str, Dict[str, list]], label: str, index: Tensor, y: Tenso
     cols["draws"] += draws.long().tolist()
     cols["draws_correct"] += draws_correct.long().tolist()
     cols["queries"] += [None] * n if queries is None else [None if q < 0 else q for q in queries.tolist()]
+    cols["check"] += [None] * n if check is None else check.tolist()

@@ -53,6 +53,8 @@ ATTACK_SCHEMA = pa.schema([
     ("draws_correct", pa.int64()),  # k of the R draws classified the row's input correctly
     ("queries", pa.int64()),      # model queries per example of a black-box attack (null: not counted)
     ("classifier", pa.string()),  # what was evaluated: the deployed classifier, or 'base' when asked
+    ("check", pa.bool_()),        # every bounded attack attacked this example whatever the others did
+                                  # (independent: all; cascade: the check subset); the flags compare there
     ("config_id", pa.string()),
     ("seed", pa.int64()),
     ("shard", pa.int64()),
