@@ -71,7 +71,7 @@ class EvalSettings:
     shard_size: int = 128
     max_examples: Optional[int] = None
     large_eps_examples: int = 8
-    check_examples: int = 8
+    check_examples: int = 16
     classifier: str = DEPLOYED
     noisy_copies: int = 1
 

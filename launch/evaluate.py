@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-values", help="comma-separated eps values for --eps-curve")
     p.add_argument("--votes", type=int, default=10,
                    help="R: fresh draws the verdict takes per row of a stochastic model (README: robust accuracy)")
-    p.add_argument("--check-examples", type=int, default=8,
+    p.add_argument("--check-examples", type=int, default=16,
                    help="per batch, examples every bounded attack attacks even in a cascade, and the EOT "
                    "check's subset (2S samples); more gives the flags more power")
     p.add_argument("--classifier", default="deployed",

@@ -91,6 +91,12 @@ def main(argv: Optional[List[str]] = None) -> int:
               *summary.best_model_rows(summaries))
         if any(s.best.stochastic for s in summaries):
             print(f"note: {summary.STOCHASTIC_NOTE}")
+        for path, fs, root in transfers:
+            mine = [s for s in summaries if s.experiment == root.rsplit("/", 1)[-1]]
+            header, rows = summary.eot_rows(mine, fs, root)
+            if rows:
+                _emit(args.format, "EOT samples: robust accuracy at S and 2S samples on the check subset "
+                      "(S is enough where they agree within the paired 95% interval)", header, rows)
         header, rows = summary.paired_rows(summaries)
         if rows:
             _emit(args.format, "Paired comparison of the best models (exact McNemar test, same examples)",

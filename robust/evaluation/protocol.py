@@ -166,7 +166,7 @@ class _Batch(NamedTuple):
 def evaluate_shard(module: nn.Module, split: ImageSplit, positions: Sequence[int],
                    attacks: Sequence[AttackSpec], eps_data: float, device: torch.device,
                    seed: int, batch_size: int = 256, protocol: str = "independent",
-                   votes: int = 10, large_eps_examples: int = 8, check_examples: int = 8,
+                   votes: int = 10, large_eps_examples: int = 8, check_examples: int = 16,
                    progress: Optional[Callable[[int], None]] = None) -> Dict[str, Dict[str, list]]:
     """Evaluate ``positions`` of ``split`` clean and under each attack.
 

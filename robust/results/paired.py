@@ -56,8 +56,9 @@ class TrialScores:
         self._cache: Dict[str, Dict[int, float]] = {}
         self.clean = self.attacked(CLEAN)
         self.checked: Optional[set] = None
-        if CHECK in self.rows.column_names:
-            clean = self._part(CLEAN)
+        clean = self._part(CLEAN)
+        if CHECK in self.rows.column_names and clean[CHECK].null_count < clean.num_rows:
+            # files from before the column read back null: there, "attacked by both" is the rule
             self.checked = {e for e, c in zip(clean["example"].to_pylist(), clean[CHECK].to_pylist()) if c}
 
     def _part(self, label: str) -> pa.Table:

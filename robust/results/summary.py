@@ -308,6 +308,31 @@ def paired_rows(summaries: Sequence[ConfigSummary], attack: str = WORST) -> Tupl
     return header, rows
 
 
+def eot_rows(summaries: Sequence[ConfigSummary], fs: pafs.FileSystem, root: str
+             ) -> Tuple[List[str], List[List[str]]]:
+    """How many EOT samples are enough: per best model and attack with an EOT check, robust
+    accuracy at S and at 2S samples on the same examples, the difference with its paired 95%
+    half-width, and whether S is enough (the two agree within it)."""
+    from robust.results.paired import eot_convergence
+
+    header = ["model", "attack", "n", "S", "acc at S [%]", "acc at 2S [%]", "difference [points]", "S enough"]
+    attacks = read_kind(fs, root, "attack")
+    rows = []
+    if attacks.num_rows == 0:
+        return header, rows
+    for s in summaries:
+        mine = attacks.filter(pc.equal(attacks["trial"], s.best.trial))
+        for label, c in sorted(eot_convergence(mine).items()):
+            enough = "yes" if c.converged else f"no: try {4 * c.samples}"
+            if not c.judged:
+                enough = "too few examples to tell"
+            rows.append([f"{s.experiment}/{s.defense} {s.description} seed {s.best.seed}", label, str(c.n),
+                         str(c.samples), f"{100 * c.at_s:.2f}", f"{100 * c.at_2s:.2f}",
+                         f"{100 * c.difference:+.2f} ± {100 * c.half_width:.2f}",
+                         enough])
+    return header, rows
+
+
 def curve_points(fs: pafs.FileSystem, root: str) -> List[dict]:
     """Robust accuracy versus eps: rows (trial, attack, eps, accuracy, n) of the eps-curve labels."""
     attacks = read_kind(fs, root, "attack")
