@@ -45,3 +45,30 @@ def fgsm_band_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float |
         if 0.2 <= acc <= 0.8:
             return eps
     return None
+
+
+class NoisyInput(nn.Module):
+    """A randomized defense in miniature: independent Gaussian noise on every input of every pass."""
+
+    def __init__(self, model: nn.Module, sigma: float) -> None:
+        super().__init__()
+        self.model, self.sigma = model, sigma
+
+    def forward(self, x):
+        return self.model(x + self.sigma * torch.randn_like(x))
+
+
+def completed_trial(tmp_path, spec, state_dict, trial: str = "t0"):
+    """An experiment 'exp' under ``tmp_path`` with one completed trial of ``spec`` whose checkpoint
+    holds ``state_dict``: (storage, root, ModelSource)."""
+    from cluster.evaluation import ModelSource
+    from cluster.records import STATE_FILE, write_trial_row
+    from cluster.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    root = storage.experiment("exp")
+    ckpt = tmp_path / "exp" / "tune" / "ckpt"
+    ckpt.mkdir(parents=True)
+    torch.save({"model": state_dict}, ckpt / STATE_FILE)
+    write_trial_row(storage, root, trial, spec, "completed", checkpoint=str(ckpt))
+    return storage, root, ModelSource(trial, spec.to_dict(), checkpoint=str(ckpt))

@@ -29,13 +29,7 @@ from robust.spec import TrialSpec
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Query attacks run thousands of tiny forward passes: on shared cores one thread is faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny forward passes (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -81,12 +81,7 @@ def fresh_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int =
         return verdict.correct_fraction(verdict.draw_logits(model, x, draws, 4096), y)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny forward passes (conftest)
 
 
 def test_a_single_noisy_query_declares_broken_what_every_draw_does_not():

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from cluster.certification import CertifySettings, run_certification
-from cluster.evaluation import ModelSource
-from cluster.records import STATE_FILE, write_trial_row
 from cluster.storage import Storage
+from helpers import completed_trial
 from launch_probe import probe
 from robust.results.schema import read_kind
 from robust.spec import TrialSpec
@@ -19,13 +18,7 @@ def experiment(tmp_path, trained_digits_model):
     """An experiment with one completed trial whose checkpoint is the session's digits model."""
     spec = TrialSpec(defense="stn", dataset="digits", model="small-cnn", seed=1,
                      defense_config={"sigma": 0.25})
-    storage = Storage(str(tmp_path))
-    root = storage.experiment("exp")
-    ckpt = tmp_path / "exp" / "tune" / "ckpt"
-    ckpt.mkdir(parents=True)
-    torch.save({"model": trained_digits_model.state_dict()}, ckpt / STATE_FILE)
-    write_trial_row(storage, root, "t0", spec, "completed", checkpoint=str(ckpt))
-    return storage, root, ModelSource("t0", spec.to_dict(), checkpoint=str(ckpt))
+    return completed_trial(tmp_path, spec, trained_digits_model.state_dict())
 
 
 def _certify(storage, root, source, **kw):

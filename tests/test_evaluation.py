@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from helpers import Quantized
+from helpers import NoisyInput, Quantized
 
 from robust.attacks import create_attack
 from robust.attacks.pgd import PGD
@@ -32,17 +32,6 @@ class Linear2(nn.Module):
     def distance(self, x):
         """Closed-form L2 distance to the decision boundary."""
         return (x.flatten(1) @ self.w + self.b).abs() / self.w.norm()
-
-
-class NoisyInput(nn.Module):
-    """A randomized defense in miniature: Gaussian noise on the input of every pass."""
-
-    def __init__(self, model: nn.Module, sigma: float) -> None:
-        super().__init__()
-        self.model, self.sigma = model, sigma
-
-    def forward(self, x):
-        return self.model(x + self.sigma * torch.randn_like(x))
 
 
 class Softmaxed(nn.Module):

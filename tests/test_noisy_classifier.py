@@ -12,13 +12,12 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import small_model
+from helpers import completed_trial, small_model
 from scipy.special import ndtri
 from torch import nn
 
 from cluster.certification import CertifySettings, certificate_rows
 from cluster.evaluation import EvalSettings, ModelSource, ShardJob, evaluate_job, load_model
-from cluster.records import STATE_FILE, write_trial_row
 from cluster.storage import Storage
 from robust.attacks.smoothed_pgd import AdditiveNoise, SmoothedPGD, sample_noise
 from robust.attacks.verdict import is_stochastic
@@ -110,13 +109,7 @@ def stn_experiment(tmp_path, trained_digits_model):
     sigma so large that its noisy classifier is clearly worse than the network itself."""
     spec = TrialSpec(defense="stn", dataset="digits", model="small-cnn", seed=1,
                      defense_config={"sigma": 1.0})
-    storage = Storage(str(tmp_path))
-    root = storage.experiment("exp")
-    ckpt = tmp_path / "exp" / "tune" / "ckpt"
-    ckpt.mkdir(parents=True)
-    torch.save({"model": trained_digits_model.state_dict()}, ckpt / STATE_FILE)
-    write_trial_row(storage, root, "t0", spec, "completed", checkpoint=str(ckpt))
-    return storage, root, ModelSource("t0", spec.to_dict(), checkpoint=str(ckpt))
+    return completed_trial(tmp_path, spec, trained_digits_model.state_dict())
 
 
 def test_rows_score_the_noisy_classifier_and_base_rows_are_apart(stn_experiment, digits, trained_digits_model):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import quick_config, small_model
+from helpers import completed_trial, quick_config, small_model
 from robust.data import create_dataset
 from robust.defenses import create_defense
 from robust.scores import boundary_search, check_eps_grid, margin_area, margin_curve, r2_margins
@@ -193,22 +193,13 @@ def test_bad_eps_grids_and_negative_lambda_are_refused(make, message):
 
 
 def test_sharded_scoring_over_ray_writes_each_shard_once(ray_local, tmp_path, trained_digits_model):
-    from cluster.evaluation import ModelSource
-    from cluster.records import STATE_FILE, write_trial_row
     from cluster.scores import ScoreSettings, run_scoring, score_shard
-    from cluster.storage import Storage
     from robust.results.schema import read_kind
     from robust.results.tables import score_summaries
     from robust.spec import TrialSpec, load_splits
 
     spec = TrialSpec(defense="standard", dataset="digits", model="small-cnn", seed=0)
-    storage = Storage(str(tmp_path))
-    root = storage.experiment("exp")
-    ckpt = tmp_path / "exp" / "tune" / "ckpt"
-    ckpt.mkdir(parents=True)
-    torch.save({"model": trained_digits_model.state_dict()}, ckpt / STATE_FILE)
-    write_trial_row(storage, root, "t0", spec, "completed", checkpoint=str(ckpt))
-    source = ModelSource("t0", spec.to_dict(), checkpoint=str(ckpt))
+    storage, root, source = completed_trial(tmp_path, spec, trained_digits_model.state_dict())
     settings = ScoreSettings(scores=("r2", "r4"), batch_size=4, shard_size=4, max_examples=8,
                              r4=R4Config(samples=8, eps_samples=20),
                              autoencoder=AutoencoderConfig(epochs=1, hidden=64))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import small_model
+from helpers import NoisyInput, small_model
 from torch import nn
 
 from robust.attacks import verdict
@@ -29,17 +29,6 @@ class BatchSharedNoise(nn.Module):
     def forward(self, x):
         shift = self.sigma * torch.randn(1, device=x.device)  # shared by the whole batch
         return self.model(x) * (1 + shift)
-
-
-class PerExampleNoise(nn.Module):
-    """An external randomized model with independent input noise per example."""
-
-    def __init__(self, model: nn.Module, sigma: float = 0.3) -> None:
-        super().__init__()
-        self.model, self.sigma = model, sigma
-
-    def forward(self, x):
-        return self.model(x + self.sigma * torch.randn_like(x))
 
 
 class Recorder(nn.Module):
@@ -66,7 +55,7 @@ def _stochastic_models(digits):
         if verdict.is_stochastic(model, x):
             out.append((name, model))
     out.append(("external-batch-shared", BatchSharedNoise(small_model(digits)).eval()))
-    out.append(("external-per-example", PerExampleNoise(small_model(digits)).eval()))
+    out.append(("external-per-example", NoisyInput(small_model(digits), 0.3).eval()))
     return out
 
 
@@ -96,7 +85,7 @@ def test_stacked_eot_copies_never_share_a_draw(digits):
 def test_batch_shared_noise_falls_back_to_one_copy_per_pass(digits):
     x, _, _ = digits.test.batch(torch.arange(2))
     shared = BatchSharedNoise(small_model(digits)).eval()
-    per_example = PerExampleNoise(small_model(digits)).eval()
+    per_example = NoisyInput(small_model(digits), 0.3).eval()
     attack = GradientAttack(eot_samples=8, eot_chunk=10_000)
     assert attack.copies_per_pass(shared, x) == 1
     assert attack.copies_per_pass(per_example, x) == 8
@@ -122,7 +111,7 @@ def test_the_verdict_draws_a_stream_of_its_own(digits):
     """judge() takes its R draws from its seed, leaves the attacks' stream where it was, and
     the same seed gives the same counts."""
     x, y, _ = digits.test.batch(torch.arange(16))
-    model = PerExampleNoise(small_model(digits), sigma=0.5).eval()
+    model = NoisyInput(small_model(digits), sigma=0.5).eval()
     torch.manual_seed(1)
     before = torch.get_rng_state()
     a = judge(model, x, y, votes=10, stochastic=True, seed=7)
@@ -182,7 +171,7 @@ def test_cascade_survivors_are_the_examples_with_a_running_score_above_zero(trai
     """The cascade's rule on a stochastic model: an attack runs on exactly the examples whose
     minimum score over clean and every earlier attack is above 0, and ``robust`` records it;
     skipped rows carry no draws."""
-    model = PerExampleNoise(trained_digits_model, sigma=0.25).eval()
+    model = NoisyInput(trained_digits_model, sigma=0.25).eval()
     specs = parse_attacks(["fgsm:eot_samples=2", "pgd-3:eot_samples=2"], 0.2)
     rows = evaluate_shard(model, digits.test, range(48), specs, 0.2, CPU, seed=0, batch_size=48,
                           protocol="cascade", votes=6, large_eps_examples=0, check_examples=0)
