@@ -45,23 +45,12 @@ from robust.train import TrainConfig, fit
 
 #: The reference implementation's version this comparison was written against.
 REFERENCE_VERSION = "3.5.1"
-#: Input noise of the external model: large enough that an attack without EOT is misled,
-#: small enough that clean accuracy stays meaningful on digits (8x8, pixels in [0, 1]).
+#: Input noise of the external model (``helpers.NoisyInput``, noise per example and per pass):
+#: large enough that an attack without EOT is misled, small enough that clean accuracy stays
+#: meaningful on digits (8x8, pixels in [0, 1]).
 INPUT_NOISE_SIGMA = 0.3
 #: Verdict stream tags, one per role: clean inputs, APGD-CE points, APGD-DLR points.
 VERDICT_STREAMS = (0x5EED0, 0x5EED1, 0x5EED2)
-
-
-class PerExampleNoise(nn.Module):
-    """An external randomized model: N(0, sigma^2) noise on every input of every pass,
-    independent per example and per stacked copy.  Images in [0, 1] -> the model's logits."""
-
-    def __init__(self, model: nn.Module, sigma: float = INPUT_NOISE_SIGMA) -> None:
-        super().__init__()
-        self.model, self.sigma = model, sigma
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x + self.sigma * torch.randn_like(x))
 
 
 def small_cnn(splits: DatasetSplits, seed: int) -> nn.Module:

@@ -121,7 +121,7 @@ def test_evaluate_an_external_model_end_to_end(external):
                            "--actors", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=280, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "95% Clopper-Pearson" in proc.stdout and "Robust accuracy versus eps" in proc.stdout
+    assert "95% intervals (Clopper-Pearson" in proc.stdout and "Robust accuracy versus eps" in proc.stdout
     storage = Storage(str(tmp_path / "exp"))
     table = read_kind(storage.filesystem, storage.root, "attack")
     assert set(table["attack"].to_pylist()) >= {"clean", "fgsm", "pgd-5", "pgd-5:eps=0.05", "pgd-5:eps=0.2"}

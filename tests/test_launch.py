@@ -82,4 +82,4 @@ def test_default_command_runs_end_to_end(tmp_path):
     lines = summary.stdout.strip().splitlines()
     assert lines[1].startswith("experiment,defense,config,seeds,clean,fgsm,pgd-20,worst-case")
     assert all(line.startswith("e2e,constant,") for line in lines[2:6])  # one row per configuration
-    assert "95% Clopper-Pearson" in summary.stdout and "McNemar" in summary.stdout
+    assert "95% intervals (Clopper-Pearson" in summary.stdout and "McNemar" in summary.stdout

@@ -13,14 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rand_reference import (
-    REFERENCE_VERSION,
-    PerExampleNoise,
-    Side,
-    compare,
-    robust_scores,
-    train_pni,
-)
+from helpers import NoisyInput
+from rand_reference import INPUT_NOISE_SIGMA, REFERENCE_VERSION, Side, compare, robust_scores, train_pni
 from robust.evaluation.protocol import is_stochastic
 
 pytest.importorskip(
@@ -30,15 +24,9 @@ pytest.importorskip(
 EXAMPLES, STEPS, EOT_SAMPLES, VOTES = 32, 25, 10, 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: 8x8 inputs gain nothing from a second one, and on a
-    shared 2-core machine two spinning OpenMP threads made this module 6x slower (134 s against
-    21 s at load ~4)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# 8x8 inputs gain nothing from a second thread; on a shared 2-core machine two spinning
+# OpenMP threads made this module 6x slower (134 s against 21 s at load ~4).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +40,7 @@ def comparison(request, digits, trained_digits_model):
     if request.param == "pni":
         model = request.getfixturevalue("pni_model")
     else:
-        model = PerExampleNoise(trained_digits_model).eval()
+        model = NoisyInput(trained_digits_model, INPUT_NOISE_SIGMA).eval()
     x, y, _ = digits.test.batch(torch.arange(EXAMPLES))
     assert is_stochastic(model, x)
     return model, x, y, compare(model, x, y, digits.eps, votes=VOTES, steps=STEPS, eot_samples=EOT_SAMPLES)

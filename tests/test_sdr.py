@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import quick_config
 
-from robust.attacks.pgd import PGD
+from robust.attacks.base import GradientAttack
 from robust.defenses import create_defense
 from robust.defenses.base import TrainStep
 from robust.defenses.sdr import plateaued, sigma_pairs
@@ -265,13 +265,17 @@ def test_evaluation_reports_single_pass_and_majority_vote_reproducibly(digits):
 
 
 def test_eot_gives_every_sample_its_own_weight_draw(digits):
-    """Stacking the S EOT copies into one forward would share one per-batch draw."""
+    """Stacking the S EOT copies into one forward would share one per-batch draw: the EOT
+    machinery finds that out (its probe, cached per model) and makes one pass per copy."""
     for per_example, passes in ((False, 6), (True, 1)):
         model = _sdr(sigma_init=0.1, per_example=per_example).prepare_model(_model(digits)).eval()
         calls = []
         model.register_forward_hook(lambda *_: calls.append(1))
         x, y, _ = digits.test.batch(torch.arange(4))
-        PGD(eps=0.1, steps=1, eot_samples=6)(model, x, y)
+        attack = GradientAttack(eot_samples=6, eot_chunk=10_000)
+        attack.copies_per_pass(model, x)  # the probe
+        calls.clear()
+        attack.input_gradient(model, x, y)
         assert len(calls) == passes
 
 
