@@ -42,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--plot-certified", metavar="PNG", help="write certified accuracy versus radius here")
     parser.add_argument("--budgets", action="append", default=[], metavar="NORM=B1,B2,...",
                         help="budgets at which to show minimal-norm attacks' success, e.g. l2=0.5,1 "
-                        "(repeatable; default per norm: robust.results.summary.MINIMAL_NORM_BUDGETS)")
+                        "(repeatable; default per norm: robust.results.minimal_norm.MINIMAL_NORM_BUDGETS)")
     parser.add_argument("--radii", metavar="R1,R2,...",
                         help="also show certified accuracy at these radii (besides 0, 0.25, 0.5, 0.75, 1)")
     parser.add_argument("--plot-margins", metavar="PNG", help="write R2 margin curves (areas in the legend) here")
@@ -54,11 +54,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from cluster.storage import Storage
-    from robust.results import summary, tables
+    from robust.results import minimal_norm, paired, summary, tables
 
     summaries, curves, certified, names, transfers = [], [], [], {}, []
     try:
-        budgets = summary.parse_budgets(args.budgets)
+        budgets = minimal_norm.parse_budgets(args.budgets)
         radii = tables.with_default_radii(tables.parse_radii(args.radii) if args.radii else ())
     except ValueError as err:
         parser.error(str(err))
@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 names[t.trial] = f"{experiment}/{s.defense} {s.description} seed {t.seed}"
         curves.extend(summary.curve_points(storage.filesystem, storage.root))
         certified.extend(tables.certified_curves(storage.filesystem, storage.root, radii))
-        minimal.extend(summary.minimal_norm_points(storage.filesystem, storage.root))
+        minimal.extend(minimal_norm.minimal_norm_points(storage.filesystem, storage.root))
         scores.extend(tables.score_summaries(storage.filesystem, storage.root))
         transfers.append((path, storage.filesystem, storage.root))
     if not summaries and not certified and not scores:
@@ -93,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"note: {summary.STOCHASTIC_NOTE}")
         for path, fs, root in transfers:
             mine = [s for s in summaries if s.experiment == root.rsplit("/", 1)[-1]]
-            header, rows = summary.eot_rows(mine, fs, root)
+            header, rows = paired.eot_rows(mine, fs, root)
             if rows:
                 _emit(args.format, "EOT samples: robust accuracy at S and 2S samples on the check subset "
                       "(S is enough where they agree within the paired 95% interval)", header, rows)
@@ -108,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{100 * p['accuracy']:.2f}", str(p["n"])] for p in sorted(
                   curves, key=lambda p: (p["trial"], p["attack"], p["eps"]))])
     for norm, values in budgets.items():
-        header, rows = summary.minimal_norm_rows(minimal, names, norm, values)
+        header, rows = minimal_norm.minimal_norm_rows(minimal, names, norm, values)
         if rows:
             _emit(args.format, f"Minimal-norm attacks ({norm}): success [%] overall and within each budget, "
                   "median distance (examples correct when clean)", header, rows)

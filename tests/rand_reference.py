@@ -145,7 +145,7 @@ class Side:
 
     def interval(self) -> Tuple[float, float]:
         """95% percentile-bootstrap interval of the robust accuracy."""
-        from robust.results.summary import bootstrap_interval
+        from robust.evaluation.stats import bootstrap_interval
 
         return bootstrap_interval(self.scores.tolist())
 
@@ -164,7 +164,7 @@ class Comparison:
 
     def difference_interval(self) -> Tuple[float, float]:
         """95% percentile-bootstrap interval of the mean paired difference, ours - reference."""
-        from robust.results.summary import bootstrap_interval
+        from robust.evaluation.stats import bootstrap_interval
 
         return bootstrap_interval((self.ours.scores - self.reference.scores).tolist())
 

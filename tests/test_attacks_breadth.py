@@ -16,7 +16,7 @@ from robust.attacks.fab import project_onto_hyperplane_in_box
 from robust.evaluation import checks
 from robust.evaluation.protocol import attack_for_model, evaluate_shard
 from robust.evaluation.suite import AttackSpec, is_minimal_norm, parse_attack, parse_attacks
-from robust.results import summary
+from robust.results import minimal_norm, summary
 
 CPU = torch.device("cpu")
 
@@ -295,10 +295,10 @@ def test_minimal_norm_flag_is_a_pure_threshold():
 def test_summary_reports_median_distance_and_success_at_budgets():
     points = [{"trial": "t", "attack": "deepfool", "norm": "l2", "distances": [0.2, 0.4, 0.6, math.inf]},
               {"trial": "t", "attack": "fgsm-grow", "norm": "linf", "distances": [0.1]}]
-    header, rows = summary.minimal_norm_rows(points, {"t": "model"}, "l2", (0.3, 0.5, 1.0))
+    header, rows = minimal_norm.minimal_norm_rows(points, {"t": "model"}, "l2", (0.3, 0.5, 1.0))
     assert header[-3:] == ["<= 0.3 [%]", "<= 0.5 [%]", "<= 1 [%]"]
     assert rows == [["model", "deepfool", "4", "75.00", "0.5", "25.00", "50.00", "75.00"]]
-    assert summary.parse_budgets(["l2=1,2"])["l2"] == (1.0, 2.0)
+    assert minimal_norm.parse_budgets(["l2=1,2"])["l2"] == (1.0, 2.0)
     # minimal-norm rows (misclassified by design) stay out of the accuracy tables and the worst case
     attacks = pa.table({"trial": ["t"] * 6, "attack": ["clean", "clean", "fgsm", "fgsm", "deepfool", "deepfool"],
                         "example": [0, 1, 0, 1, 0, 1], "correct": [True, True, True, False, False, False],
@@ -307,7 +307,7 @@ def test_summary_reports_median_distance_and_success_at_budgets():
     assert set(result.outcomes) == {"clean", "fgsm", summary.WORST}
     assert result.accuracy(summary.WORST) == 0.5
     with pytest.raises(ValueError, match="unknown norm 'l3'"):
-        summary.parse_budgets(["l3=1"])
+        minimal_norm.parse_budgets(["l3=1"])
 
 
 def test_autoattack_cascade_runs_the_four_in_order_on_the_survivors(trained_digits_model, digits):

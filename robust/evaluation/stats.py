@@ -29,3 +29,17 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> Tuple[int, 
     if b + c == 0:
         return b, c, 1.0
     return b, c, float(min(1.0, 2 * stats.binom.cdf(min(b, c), b + c, 0.5)))
+
+
+def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> Tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (Efron & Tibshirani 1993)."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return 0.0, 1.0
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(1)
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist, fmean, stdev
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from robust.evaluation.checks import MIN_PAIRED_EXAMPLES, EotConvergence, Paired
 from robust.evaluation.protocol import CLEAN, EOT_CHECK_PREFIX
+from robust.results.schema import read_kind
 from robust.results.verdict import SCORE, with_scores
 
 #: Optional boolean column: the example is in the subset every bounded attack attacked.
@@ -124,3 +126,26 @@ def eot_convergence(rows: pa.Table | TrialScores, confidence: float = 0.95) -> D
             at_2s=fmean(at_2s[e] for e in examples), n=len(examples),
             half_width=paired_half_width([at_s[e] - at_2s[e] for e in examples], confidence))
     return out
+
+
+def eot_rows(summaries: Sequence, fs: pafs.FileSystem, root: str
+             ) -> Tuple[List[str], List[List[str]]]:
+    """How many EOT samples are enough: per best model and attack with an EOT check, robust
+    accuracy at S and at 2S samples on the same examples, the difference with its paired 95%
+    half-width, and whether S is enough (the two agree within it)."""
+    header = ["model", "attack", "n", "S", "acc at S [%]", "acc at 2S [%]", "difference [points]", "S enough"]
+    attacks = read_kind(fs, root, "attack")
+    rows = []
+    if attacks.num_rows == 0:
+        return header, rows
+    for s in summaries:
+        mine = attacks.filter(pc.equal(attacks["trial"], s.best.trial))
+        for label, c in sorted(eot_convergence(mine).items()):
+            enough = "yes" if c.converged else f"no: try {4 * c.samples}"
+            if not c.judged:
+                enough = "too few examples to tell"
+            rows.append([f"{s.experiment}/{s.defense} {s.description} seed {s.best.seed}", label, str(c.n),
+                         str(c.samples), f"{100 * c.at_s:.2f}", f"{100 * c.at_2s:.2f}",
+                         f"{100 * c.difference:+.2f} ± {100 * c.half_width:.2f}",
+                         enough])
+    return header, rows

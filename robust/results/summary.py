@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from robust.evaluation.stats import clopper_pearson, mcnemar
-from robust.evaluation.suite import is_minimal_norm, spec_of_label
+from robust.evaluation.stats import bootstrap_interval, clopper_pearson, mcnemar
+from robust.evaluation.suite import is_minimal_norm
 from robust.results.schema import read_kind
 from robust.results.verdict import SCORE, with_scores
 
@@ -89,20 +89,6 @@ class TrialResult:
         if all(v in (0.0, 1.0) for v in values):
             return clopper_pearson(int(sum(values)), len(values), confidence)
         return bootstrap_interval(values, confidence)
-
-
-def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
-                       seed: int = 0) -> Tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (Efron & Tibshirani 1993)."""
-    import numpy as np
-
-    data = np.asarray(values, dtype=np.float64)
-    if data.size == 0:
-        return 0.0, 1.0
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(1)
-    alpha = (1 - confidence) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 @dataclass
@@ -308,31 +294,6 @@ def paired_rows(summaries: Sequence[ConfigSummary], attack: str = WORST) -> Tupl
     return header, rows
 
 
-def eot_rows(summaries: Sequence[ConfigSummary], fs: pafs.FileSystem, root: str
-             ) -> Tuple[List[str], List[List[str]]]:
-    """How many EOT samples are enough: per best model and attack with an EOT check, robust
-    accuracy at S and at 2S samples on the same examples, the difference with its paired 95%
-    half-width, and whether S is enough (the two agree within it)."""
-    from robust.results.paired import eot_convergence
-
-    header = ["model", "attack", "n", "S", "acc at S [%]", "acc at 2S [%]", "difference [points]", "S enough"]
-    attacks = read_kind(fs, root, "attack")
-    rows = []
-    if attacks.num_rows == 0:
-        return header, rows
-    for s in summaries:
-        mine = attacks.filter(pc.equal(attacks["trial"], s.best.trial))
-        for label, c in sorted(eot_convergence(mine).items()):
-            enough = "yes" if c.converged else f"no: try {4 * c.samples}"
-            if not c.judged:
-                enough = "too few examples to tell"
-            rows.append([f"{s.experiment}/{s.defense} {s.description} seed {s.best.seed}", label, str(c.n),
-                         str(c.samples), f"{100 * c.at_s:.2f}", f"{100 * c.at_2s:.2f}",
-                         f"{100 * c.difference:+.2f} ± {100 * c.half_width:.2f}",
-                         enough])
-    return header, rows
-
-
 def curve_points(fs: pafs.FileSystem, root: str) -> List[dict]:
     """Robust accuracy versus eps: rows (trial, attack, eps, accuracy, n) of the eps-curve labels."""
     attacks = read_kind(fs, root, "attack")
@@ -415,63 +376,3 @@ def print_rich_table(header: List[str], rows: List[List[str]], title: str) -> No
     # wide enough that no cell wraps: tables are read, and copied into papers
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     Console(width=max(100, sum(widths) + 3 * len(widths) + 1)).print(table)
-
-
-#: Budgets at which the success rate of minimal-norm attacks is shown, per norm (overridable).
-MINIMAL_NORM_BUDGETS = {"linf": (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.1, 0.2, 0.3),
-                        "l2": (0.1, 0.25, 0.5, 1.0, 2.0)}
-
-
-def parse_budgets(items: Sequence[str]) -> Dict[str, Tuple[float, ...]]:
-    """The default budgets, with 'NORM=B1,B2,...' items replacing a norm's budgets."""
-    budgets = dict(MINIMAL_NORM_BUDGETS)
-    for item in items:
-        norm, _, values = (part.strip() for part in item.partition("="))
-        if norm not in MINIMAL_NORM_BUDGETS:
-            raise ValueError(f"--budgets {item!r}: unknown norm {norm!r}; valid choices: "
-                             f"{', '.join(MINIMAL_NORM_BUDGETS)}")
-        try:
-            budgets[norm] = tuple(float(v) for v in values.split(","))
-        except ValueError:
-            raise ValueError(f"--budgets {item!r} is not NORM=B1,B2,... with numbers") from None
-    return budgets
-
-
-def minimal_norm_points(fs: pafs.FileSystem, root: str) -> List[dict]:
-    """Per (trial, minimal-norm attack): its norm and the distances of its attacked rows
-    (inf where it found no adversarial point; only rows whose verdict score is below 1/2,
-    i.e. misclassified, or misclassified by the majority of a stochastic model's draws,
-    count as found)."""
-    attacks = read_kind(fs, root, "attack")
-    if attacks.num_rows == 0:
-        return []
-    labels = [a for a in set(attacks["attack"].to_pylist()) if is_minimal_norm(a)]
-    if not labels:
-        return []
-    rows = with_scores(attacks.filter(pc.and_(pc.is_in(attacks["attack"], pa.array(labels)),
-                                              pc.equal(attacks["attacked"], True))))
-    out: Dict[Tuple[str, str], List[float]] = {}
-    # found = the verdict's majority misclassifies the returned point (deterministic: misclassified)
-    for t, a, score, d in zip(*rows.select(["trial", "attack", SCORE, "distance"]).to_pydict().values()):
-        out.setdefault((t, a), []).append(math.inf if score >= 0.5 or d is None or math.isnan(d) else d)
-    return [{"trial": t, "attack": a, "norm": spec_of_label(a).norm, "distances": sorted(d)}
-            for (t, a), d in sorted(out.items())]
-
-
-def minimal_norm_rows(points: Sequence[dict], names: Dict[str, str], norm: str,
-                      budgets: Sequence[float]) -> Tuple[List[str], List[List[str]]]:
-    """Minimal-norm attacks of one norm: examples attacked, overall success [%], median
-    distance (inf counts for a failure), and success [%] at each budget (distance <= budget)."""
-    header = ["model", "attack", "n", "success [%]", f"median {norm} distance"] + \
-        [f"<= {b:.4g} [%]" for b in budgets]
-    rows = []
-    for p in points:
-        if p["norm"] != norm:
-            continue
-        d = p["distances"]
-        n = len(d)
-        median = (d[(n - 1) // 2] + d[n // 2]) / 2
-        rows.append([names.get(p["trial"], p["trial"]), p["attack"], str(n),
-                     f"{100 * sum(math.isfinite(v) for v in d) / n:.2f}", f"{median:.4g}"]
-                    + [f"{100 * sum(v <= b for v in d) / n:.2f}" for b in budgets])
-    return header, rows
